@@ -1,0 +1,195 @@
+"""MoSLoRA layer: a frozen nn.Linear plus a low-rank update whose two subspaces are fused by a learnable mixer.
+
+    x (..., d_in) ──────────── base: frozen W (d_out, d_in), b ─────────────────┐
+      │                                                                         ▼
+      └─ dropout ─► A (r, d_in) ─► M (r, r) mixer ─► × s ─► B (d_out, r) ──► (+) ─► y (..., d_out)
+                    Kaiming-uniform  Kaiming-uniform or        zeros, so the
+                                     orthogonal; identity      adapted model starts
+                                     (no parameter) for LoRA   equal to the base
+
+    y = W x + b + s · B M A dropout(x),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+Mixture-of-Subspaces LoRA (Wu et al., "Mixture-of-Subspaces in Low-Rank Adaptation", arXiv 2406.11909): plain
+LoRA's B A is a sum of r rank-1 subspaces paired one-to-one; the r×r mixer M between A and B lets every
+A-subspace feed every B-subspace. The paper trains M jointly with A and B and compares mixer initialisations
+(Kaiming-uniform, the default here, against orthogonal). Because B M A is still a (d_out, d_in) rank-r matrix, it merges
+into W exactly like LoRA, and folding M into A (A' = M A) turns a MoSLoRA adapter into a plain LoRA one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADAPTER_KINDS = ("moslora", "lora")
+MIXER_INITS = ("kaiming", "orthogonal")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """The factor s on the low-rank branch: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (rsLoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def fold_mixer(lora_A: torch.Tensor, lora_M: torch.Tensor | None) -> torch.Tensor:
+    """M·A in fp32, the down-projection of an equivalent plain LoRA. lora_A: (r, d_in), lora_M: (r, r) or None."""
+    A = lora_A.float()
+    return A if lora_M is None else lora_M.float() @ A
+
+
+@dataclass
+class AdapterConfig:
+    """What an adapter is; saved next to its weights so it can be rebuilt on the same base LM.
+
+    Defaults follow LLaVA-1.5's LoRA recipe (r=128, alpha=256, dropout=0.05), which the MoSLoRA paper reuses
+    for visual instruction tuning.
+
+    target_modules: None targets every linear layer of the decoder blocks named in
+        `inject.DEFAULT_TARGET_MODULES`; a list selects modules whose qualified name ends with one of the
+        given suffixes (e.g. ["q_proj", "v_proj"]); a string is a regex that must fullmatch the qualified name.
+    base_model: name or path of the base LM the adapter was trained on (informational, used by exports).
+    """
+
+    adapter: str = "moslora"
+    r: int = 128
+    alpha: float = 256.0
+    dropout: float = 0.05
+    mixer_init: str = "kaiming"
+    use_rslora: bool = False
+    target_modules: list[str] | str | None = None
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTER_KINDS:
+            raise ValueError(f"adapter must be one of {ADAPTER_KINDS}, got {self.adapter!r}")
+        if self.mixer_init not in MIXER_INITS:
+            raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {self.mixer_init!r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ValueError(f"target_modules regex {self.target_modules!r} is invalid: {err}") from err
+        elif self.target_modules is not None:
+            names = list(self.target_modules)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"target_modules must be None, a regex string or a non-empty list of names, "
+                                 f"got {self.target_modules!r}")
+            self.target_modules = names
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AdapterConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**values)
+
+
+class MoSLoRALinear(nn.Module):
+    """A frozen `nn.Linear` (kept as `.base`) with a MoSLoRA (or plain LoRA) update.
+
+    Parameters: `lora_A` (r, d_in), `lora_B` (d_out, r) and, for adapter="moslora" only, `lora_M` (r, r). For
+    adapter="lora", `lora_M` is None: the mixer is the identity, so the same forward skips it.
+    dtype: dtype of the adapter parameters (fp32 by default; bf16 trades precision for speed).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, adapter: str = "moslora",
+                 mixer_init: str = "kaiming", use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if adapter not in ADAPTER_KINDS:
+            raise ValueError(f"adapter must be one of {ADAPTER_KINDS}, got {adapter!r}")
+        if mixer_init not in MIXER_INITS:
+            raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
+        self.base = base.requires_grad_(False)
+        self.adapter, self.r, self.alpha, self.mixer_init = adapter, r, alpha, mixer_init
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        # nn.Identity when dropout is off: no masked copy of the activations is materialised.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # in/out_features rather than weight.shape: the weight may be a ZeRO-3 partition.
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=device))
+        if adapter == "moslora":
+            self.lora_M = nn.Parameter(torch.empty(r, r, dtype=dtype, device=device))
+        else:
+            self.register_parameter("lora_M", None)
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, dtype=dtype, device=device))
+        self.merged = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A and M: Kaiming-uniform(a=√5) (M: orthogonal if asked); B: zeros, so the update starts at 0.
+
+        Drawn in fp32 and then cast, so bf16 adapters get the same distribution (orthogonal_ needs fp32 QR).
+        """
+        for name in ("lora_A", "lora_M"):
+            param = getattr(self, name)
+            if param is None:
+                continue
+            values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+            if name == "lora_M" and self.mixer_init == "orthogonal":
+                nn.init.orthogonal_(values)
+            else:
+                nn.init.kaiming_uniform_(values, a=math.sqrt(5))
+            param.copy_(values)
+        self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_in) -> (..., d_out)."""
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = self.dropout(x.to(self.lora_A.dtype))
+        h = F.linear(h, self.lora_A)                   # (..., r)
+        if self.lora_M is not None:
+            h = F.linear(h, self.lora_M)               # (..., r): h @ Mᵀ = M applied to each A x
+        h = F.linear(h * self.scaling, self.lora_B)    # scale the r-wide tensor, cheaper than the d_out-wide one
+        # Back to the base output's dtype (x's dtype, except under autocast where both follow the autocast dtype).
+        return y + h.to(y.dtype)
+
+    def folded_A(self) -> torch.Tensor:
+        """M·A in fp32, (r, d_in): the down-projection of the equivalent plain LoRA."""
+        return fold_mixer(self.lora_A, self.lora_M)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·M·A in fp32, (d_out, d_in): what merge() adds to base.weight."""
+        return self.scaling * (self.lora_B.float() @ self.folded_A())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into base.weight (summed in fp32, then cast to the weight's dtype). No-op if merged."""
+        if self.merged:
+            return
+        weight = self.base.weight
+        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from base.weight again. No-op if not merged. Exact in fp32 up to rounding."""
+        if not self.merged:
+            return
+        weight = self.base.weight
+        weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"adapter={self.adapter}, r={self.r}, scaling={self.scaling:g}, "
+                f"dtype={self.lora_A.dtype}, merged={self.merged}")

@@ -1,0 +1,1 @@
+"""Data: conversation templates and label masks, LLaVA-format datasets, images, batching."""

@@ -1,0 +1,176 @@
+"""Conversation templates and label masks derived from character spans.
+
+A conversation is rendered to text while recording the character span of every assistant reply (and
+its end-of-turn marker). The text is then tokenized with offset mappings, and a token is supervised
+exactly when its characters overlap a reply span. No per-template token offsets are hand-tuned, so
+the "tokenization mismatch" of LLaVA's preprocess functions cannot happen.
+
+Templates:
+- `plain`: LLaVA stage-1 alignment: `<image>` followed by the caption (the human text is dropped).
+- `vicuna_v1`: LLaVA-1.5's template ("USER: ... ASSISTANT: ...</s>").
+- `chat_template`: the tokenizer's own chat template (Llama-3, Qwen2, the tiny default, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..model.mm_model import IMAGE_TOKEN_ID
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+TEMPLATES = ("plain", "vicuna_v1", "chat_template")
+ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+class ConversationError(ValueError):
+    """A record whose conversation cannot be rendered (bad roles, order, empty reply...)."""
+
+
+def to_messages(conversations: list[dict]) -> list[dict]:
+    """LLaVA turns [{"from": "human"|"gpt", "value"}] -> chat messages [{"role", "content"}], validated."""
+    if not isinstance(conversations, list) or not conversations:
+        raise ConversationError("'conversations' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ConversationError(f"turn {i} must be an object with 'from' and 'value'")
+        role = ROLE_OF.get(turn["from"])
+        if role is None:
+            raise ConversationError(f"turn {i}: unknown role {turn['from']!r} (expected human/gpt)")
+        if not isinstance(turn["value"], str):
+            raise ConversationError(f"turn {i}: 'value' must be a string")
+        messages.append({"role": role, "content": turn["value"]})
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, msg in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise ConversationError(f"turns out of order: turn {i} is from {msg['role']}, expected {expected}")
+        if expected == "assistant" and not msg["content"].strip():
+            raise ConversationError(f"turn {i}: empty assistant reply")
+    if not body or body[-1]["role"] != "assistant":
+        raise ConversationError("the conversation must end with an assistant (gpt) reply")
+    return messages
+
+
+@dataclass
+class Rendered:
+    text: str
+    reply_spans: list[tuple[int, int]]  # character spans that are supervised
+
+
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the chat template writes right after an assistant reply, up to the next turn (e.g. '</s>',
+    '<|im_end|>', '<|eot_id|>'): it is supervised so the model learns to stop."""
+    sentinel = "XQZSENTINELQZX"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                                         tokenize=False)
+    tail = text[text.index(sentinel) + len(sentinel):]
+    return tail.rstrip()
+
+
+def render(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: str,
+           add_generation_prompt: bool = False) -> Rendered:
+    """Messages -> text plus the spans of assistant replies. With `add_generation_prompt`, the last
+    message must be a user turn and the text ends where the assistant's reply begins."""
+    if template == "plain":
+        image = IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in messages[0]["content"] else ""
+        text = (tokenizer.bos_token or "") + image
+        if add_generation_prompt:
+            return Rendered(text, [])
+        reply = messages[1]["content"] + "\n"
+        return Rendered(text + reply, [(len(text), len(text) + len(reply))])
+    if template == "vicuna_v1":
+        system = next((m["content"] for m in messages if m["role"] == "system"), VICUNA_SYSTEM)
+        text, spans = (tokenizer.bos_token or "") + system + " ", []
+        for msg in messages:
+            if msg["role"] == "user":
+                text += "USER: " + msg["content"] + " ASSISTANT:"
+            elif msg["role"] == "assistant":
+                start = len(text)
+                text += " " + msg["content"] + (tokenizer.eos_token or "</s>")
+                spans.append((start, len(text)))
+        return Rendered(text, spans)
+    if template == "chat_template":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--conv_mode chat_template: this tokenizer has no chat template; use vicuna_v1 or plain")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        end_marker = _end_of_turn(tokenizer)
+        spans, cursor = [], 0
+        for msg in messages:
+            if msg["role"] != "assistant":
+                found = text.find(msg["content"], cursor) if msg["content"] else -1
+                if found >= 0:  # keep replies from matching inside earlier user text
+                    cursor = found + len(msg["content"])
+                continue
+            start = text.find(msg["content"], cursor)
+            if start < 0:
+                raise ConversationError("the chat template rewrote an assistant reply; cannot locate it for the label mask")
+            end = start + len(msg["content"])
+            if end_marker and text.startswith(end_marker, end):
+                end += len(end_marker)
+            spans.append((start, end))
+            cursor = end
+        return Rendered(text, spans)
+    raise ValueError(f"unknown conversation template {template!r}; choose one of {TEMPLATES}")
+
+
+def tokenize_rendered(rendered: Rendered, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int,
+                      ) -> tuple[list[int], list[int]]:
+    """Tokenize text (with `<image>` placeholders) -> (input_ids, labels) as Python lists.
+
+    Each `<image>` becomes `num_image_tokens` IMAGE_TOKEN_ID positions (labels -100). A token is
+    supervised when its character span overlaps a reply span.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    chunks = rendered.text.split(IMAGE_PLACEHOLDER)
+    offset = 0
+    for k, chunk in enumerate(chunks):
+        if k > 0:
+            input_ids += [IMAGE_TOKEN_ID] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+            offset += len(IMAGE_PLACEHOLDER)
+        if chunk:
+            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+            for token_id, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+                a, b = a + offset, b + offset
+                supervised = any(a < end and b > start for start, end in rendered.reply_spans)
+                input_ids.append(token_id)
+                labels.append(token_id if supervised else IGNORE_INDEX)
+        offset += len(chunk)
+    return input_ids, labels
+
+
+def tokenize_conversation(conversations: list[dict], tokenizer: PreTrainedTokenizerBase, template: str,
+                          num_image_tokens: int, max_length: int | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaVA conversation -> (input_ids (T,), labels (T,)), truncated to `max_length` tokens.
+
+    Truncation never cuts through an image's tokens (that record raises ConversationError instead).
+    """
+    rendered = render(to_messages(conversations), tokenizer, template)
+    input_ids, labels = tokenize_rendered(rendered, tokenizer, num_image_tokens)
+    if max_length is not None and len(input_ids) > max_length:
+        if input_ids[max_length - 1] == IMAGE_TOKEN_ID or (
+                max_length < len(input_ids) and input_ids[max_length] == IMAGE_TOKEN_ID):
+            raise ConversationError(f"--model_max_length {max_length} cuts through an image's tokens")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return torch.tensor(input_ids), torch.tensor(labels)
+
+
+def build_generation_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: str,
+                            num_image_tokens: int) -> list[int]:
+    """Prompt token ids for generating the next assistant reply (last message is the user's)."""
+    if template == "vicuna_v1":
+        rendered = render(messages + [{"role": "assistant", "content": "x"}], tokenizer, template)
+        cut = rendered.reply_spans[-1][0]
+        rendered = Rendered(rendered.text[:cut], [])
+    else:
+        rendered = render(messages, tokenizer, template, add_generation_prompt=True)
+    input_ids, _ = tokenize_rendered(rendered, tokenizer, num_image_tokens)
+    return input_ids

@@ -1,0 +1,62 @@
+"""LLaVA-style model: vision tower -> projector -> causal LM, with image features written into the
+text embeddings at the image-token positions.
+
+The tokenizer side (mm_moslora.data.conversation) expands each `<image>` placeholder into
+`vision.num_tokens` copies of IMAGE_TOKEN_ID, so sequences, labels and attention masks already have
+their final length and image features are a 1:1 `masked_scatter` into those positions.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IMAGE_TOKEN_ID = -200  # LLaVA's sentinel; never a vocabulary id, so no embedding resize is needed
+
+
+class MultimodalLM(nn.Module):
+    """Parts: `vision` (VisionTower), `projector` (nn.Module), `llm` (a transformers causal LM)."""
+
+    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module):
+        super().__init__()
+        self.vision, self.projector, self.llm = vision, projector, llm
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_tokens
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (n_images, 3, H, W) -> (n_images, num_image_tokens, llm_hidden)."""
+        feats = self.vision(pixel_values)
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(feats.to(proj_dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T) with IMAGE_TOKEN_ID at image positions -> inputs_embeds (B, T, llm_hidden)."""
+        image_mask = input_ids == IMAGE_TOKEN_ID
+        embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
+        n_positions = int(image_mask.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_positions:
+                raise ValueError(f"input has {n_positions} image-token positions but no images were given")
+            if self.training and any(p.requires_grad for p in self.projector.parameters()):
+                # Text-only batch: still run the image path so every rank takes part in the same
+                # ZeRO-3 gathers and gradient reductions (otherwise multi-GPU training hangs).
+                dummy = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size,
+                                    device=embeds.device, dtype=embeds.dtype)
+                embeds = embeds + 0.0 * self.encode_images(dummy).sum().to(embeds.dtype)
+            return embeds
+        feats = self.encode_images(pixel_values)
+        n_features = feats.shape[0] * feats.shape[1]
+        if n_positions != n_features:
+            raise ValueError(f"image tokens and image features do not match: {n_positions} image-token positions "
+                             f"in the text vs {feats.shape[0]} images x {feats.shape[1]} features = {n_features}")
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **llm_kwargs):
+        """input_ids, attention_mask, labels: (B, T); pixel_values: (n_images, 3, H, W).
+
+        Returns the LM's output (`.loss` when labels are given; labels use -100 for ignored positions).
+        """
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
