@@ -65,7 +65,8 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         flat = tensor.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
+        # bf16-rounded, so the fp32 and bf16 builds of one model share a fingerprint
+        sample = flat[:: max(1, flat.numel() // 64)].to(torch.bfloat16).float().cpu()
         digest.update(name.encode())
         digest.update(f"{tuple(tensor.shape)}:{sample.sum().item():.6e}:{sample.abs().sum().item():.6e}".encode())
     return digest.hexdigest()[:16]

@@ -1,0 +1,261 @@
+"""One generation engine for chat and evaluation: batched, left-padded, KV-cached `generate`.
+
+A request is `(messages, images)`: chat messages [{"role", "content"}] whose `<image>` placeholders
+match the PIL images in order. Prompts are built by `data.conversation.build_generation_prompt`, image
+features are written into the embeddings by `MultimodalLM.embed`, and decoding is Hugging Face's
+`generate(inputs_embeds=..., attention_mask=...)`, which takes position ids from the attention mask, so
+left padding does not shift positions and a batch answers exactly as its requests would one by one
+(greedy, fp32). Every row also stops on its own: at eos, at the template's end-of-turn text, or when
+it reaches `max_new_tokens` or the model's context, whatever the other rows of its batch do.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from ..data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, build_generation_prompt, render
+from ..data.images import ImageProcessor
+from ..model.build import load_checkpoint, parse_dtype
+from ..model.mm_model import IMAGE_TOKEN_ID, MultimodalLM
+
+QUANTIZE_MODES = ("4bit", "8bit")
+
+
+class Request(NamedTuple):
+    """messages: [{"role", "content"}] ending with a user turn; images: one per `<image>` placeholder."""
+    messages: list[dict]
+    images: list[Image.Image]
+
+
+class PromptTooLongError(ValueError):
+    """A prompt leaves no room for a reply in the model's context."""
+
+    def __init__(self, n_tokens: int, context_length: int, index: int | None = None):
+        self.n_tokens, self.context_length, self.index = n_tokens, context_length, index
+        which = f"request {index}: " if index is not None else ""
+        super().__init__(f"{which}the prompt has {n_tokens} tokens (images included) but the model's context holds "
+                         f"{context_length}, with at least one token needed for the reply")
+
+
+class QuantizationUnavailable(RuntimeError):
+    """--load-4bit/--load-8bit asked for where bitsandbytes cannot run."""
+
+
+def end_of_turn_texts(tokenizer: PreTrainedTokenizerBase, template: str) -> list[str]:
+    """Text the template writes after an assistant reply (e.g. '</s>', '<|im_end|>', '\\n' for plain)."""
+    if template == "plain":
+        return ["\n"]  # stage-1 captions end with a newline and no eos
+    sentinel = "XQZSENTINELQZX"
+    rendered = render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                      tokenizer, template)
+    tail = rendered.text[rendered.text.index(sentinel) + len(sentinel):].strip()
+    return [tail] if tail else []
+
+
+class _RowBudget(StoppingCriteria):
+    """Stops row i after `budgets[i]` new tokens (its share of the context), independently of the batch."""
+
+    def __init__(self, budgets: list[int]):
+        self.budgets, self.start = budgets, None
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.start is None:  # called once per new token: the first call follows the first token
+            self.start = input_ids.shape[1] - 1
+        generated = input_ids.shape[1] - self.start
+        return torch.tensor(self.budgets, device=input_ids.device) <= generated
+
+
+class _CallbackStreamer(TextStreamer):
+    """Hands decoded text pieces to `callback` as they are generated, cut at the first stop text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, callback: Callable[[str], None], stop_texts: list[str]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.callback, self.stop_texts = callback, stop_texts
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.stopped:
+            return
+        self.text += text
+        cut = min((self.text.find(s) for s in self.stop_texts if s in self.text), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+        if len(self.text) > self.emitted:
+            self.callback(self.text[self.emitted:])
+            self.emitted = len(self.text)
+
+
+class InferenceEngine:
+    """A MultimodalLM with its tokenizer, image processor and conversation template, ready to answer.
+
+    `generate` is the only decoding path of the project: chat streams through it with one request, the
+    evaluation runs batches through it.
+    """
+
+    def __init__(self, model: MultimodalLM, tokenizer: PreTrainedTokenizerBase, conv_mode: str,
+                 image_processor: ImageProcessor | None = None, image_aspect_ratio: str = "pad"):
+        if conv_mode not in TEMPLATES:
+            raise ValueError(f"--conv-mode {conv_mode!r}: choose one of {TEMPLATES}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token (load it through mm_moslora.model.build)")
+        self.model, self.tokenizer, self.conv_mode = model.eval(), tokenizer, conv_mode
+        self.image_processor = image_processor or ImageProcessor.for_tower(model.vision, image_aspect_ratio)
+        self.stop_texts = end_of_turn_texts(tokenizer, conv_mode)
+        # End-of-turn texts of one token stop like eos; longer ones through generate's `stop_strings`.
+        encoded = {text: tokenizer.encode(text, add_special_tokens=False) for text in self.stop_texts}
+        self.stop_token_ids = sorted({tokenizer.eos_token_id} - {None} | {ids[0] for ids in encoded.values() if len(ids) == 1})
+        self.stop_strings = [text for text, ids in encoded.items() if len(ids) > 1]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
+                        merge: bool = True, conv_mode: str | None = None, quantize: str | None = None,
+                        ) -> "InferenceEngine":
+        """Load a training output (see model.build.load_checkpoint); conv_mode defaults to the checkpoint's.
+
+        quantize: "4bit" or "8bit" puts the LM's linear layers into bitsandbytes (CUDA only), after the
+        adapters are merged.
+        """
+        if quantize is not None:
+            check_quantization(quantize, device)
+            model, tokenizer, mm_config = load_checkpoint(path, dtype=dtype, device="cpu", merge=True)
+            quantize_llm(model.llm, quantize, parse_dtype(dtype))
+            model.to(device)
+        else:
+            model, tokenizer, mm_config = load_checkpoint(path, dtype=dtype, device=device, merge=merge)
+        return cls(model, tokenizer, conv_mode or mm_config.get("conv_mode", "vicuna_v1"),
+                   image_aspect_ratio=mm_config.get("image_aspect_ratio", "pad"))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.llm.get_input_embeddings().weight.device
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.llm.config.max_position_embeddings)
+
+    def prompt_ids(self, messages: list[dict], n_images: int, truncate: bool = False) -> list[int]:
+        """Token ids of the generation prompt, each `<image>` expanded to the image-token positions.
+
+        Raises ValueError when placeholders and images disagree, PromptTooLongError when no reply fits
+        (with `truncate`, the text between the last image and the end of the prompt is cut from the front
+        instead, which drops the oldest turns of a chat).
+        """
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("the last message must be the user's")
+        n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if n_placeholders != n_images:
+            raise ValueError(f"the messages have {n_placeholders} {IMAGE_PLACEHOLDER} placeholders "
+                             f"but {n_images} images were given")
+        ids = build_generation_prompt(messages, self.tokenizer, self.conv_mode, self.model.num_image_tokens)
+        limit = self.context_length - 1
+        if len(ids) > limit and truncate:
+            images_end = max((i + 1 for i, t in enumerate(ids) if t == IMAGE_TOKEN_ID), default=1)
+            room = limit - images_end
+            if room > 0:
+                ids = ids[:images_end] + ids[len(ids) - room:]
+        if len(ids) > limit:
+            raise PromptTooLongError(len(ids), self.context_length)
+        return ids
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request | tuple], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, batch_size: int = 16, stream: Callable[[str], None] | None = None,
+                 truncate: bool = False) -> list[str]:
+        """Answer each request; returns the replies in input order (stripped, without end-of-turn text).
+
+        Greedy when temperature is 0, else sampling with temperature and nucleus `top_p`. Requests are
+        sorted by prompt length into batches of `batch_size` to cut padding. `stream` receives the text
+        pieces of a single request as they are generated (Ctrl-C raises KeyboardInterrupt through it).
+        """
+        if stream is not None and len(requests) != 1:
+            raise ValueError("streaming needs exactly one request")
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be at least 1")
+        prompts = []
+        for index, (messages, images) in enumerate(requests):
+            try:
+                prompts.append(self.prompt_ids(messages, len(images), truncate))
+            except PromptTooLongError as err:
+                raise PromptTooLongError(err.n_tokens, err.context_length, index) from None
+        order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
+        answers: list[str] = [""] * len(requests)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            texts = self._generate_batch([prompts[i] for i in rows], [requests[i][1] for i in rows],
+                                         max_new_tokens, temperature, top_p, stream)
+            for i, text in zip(rows, texts):
+                answers[i] = text
+        return answers
+
+    def _generate_batch(self, prompts: list[list[int]], images: list[list[Image.Image]], max_new_tokens: int,
+                        temperature: float, top_p: float, stream: Callable[[str], None] | None) -> list[str]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        flat_images = [img for row_images in images for img in row_images]  # row order = embed's scatter order
+        pixel_values = (torch.stack([self.image_processor(img) for img in flat_images]).to(self.device)
+                        if flat_images else None)
+        inputs_embeds = self.model.embed(input_ids.to(self.device), pixel_values)
+        budgets = [min(max_new_tokens, self.context_length - len(p)) for p in prompts]
+        streamer = _CallbackStreamer(self.tokenizer, stream, self.stop_texts) if stream else None
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+            dict(do_sample=False, temperature=1.0, top_p=1.0)
+        output = self.model.llm.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(self.device), max_new_tokens=max(budgets),
+            num_beams=1, use_cache=True, eos_token_id=self.stop_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([_RowBudget(budgets)]), streamer=streamer, **sampling,
+            **(dict(stop_strings=self.stop_strings, tokenizer=self.tokenizer) if self.stop_strings else {}))
+        return [self._decode(row[:budget].tolist()) for row, budget in zip(output, budgets)]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        """New tokens of one row -> reply text, cut at the first stop token or end-of-turn text."""
+        stop = next((k for k, t in enumerate(token_ids) if t in self.stop_token_ids), len(token_ids))
+        text = self.tokenizer.decode(token_ids[:stop], skip_special_tokens=True)
+        for marker in self.stop_texts:
+            text = text.split(marker, 1)[0]
+        return text.strip()
+
+
+def check_quantization(mode: str, device: str | torch.device) -> None:
+    """Raise QuantizationUnavailable unless `mode` can run here (bitsandbytes installed, CUDA device)."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise QuantizationUnavailable(f"--load-{mode} needs a CUDA GPU (bitsandbytes); use --device cuda on a GPU "
+                                      f"machine, or drop --load-{mode}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise QuantizationUnavailable(f"--load-{mode} needs bitsandbytes: pip install bitsandbytes ({err})") from None
+
+
+def quantize_llm(llm: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> None:
+    """Swap the LM's nn.Linear layers (not lm_head) for bitsandbytes NF4 / int8 ones, in place, on the CPU.
+
+    The weights are quantized when the model is moved to the GPU afterwards (bitsandbytes does it in `.cuda()`).
+    """
+    import bitsandbytes as bnb
+
+    for name, module in list(llm.named_modules()):
+        if type(module) is not torch.nn.Linear or name.split(".")[-1] == "lm_head":
+            continue
+        has_bias = module.bias is not None
+        if mode == "4bit":
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=has_bias,
+                                      compute_dtype=compute_dtype, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=has_bias,
+                                        has_fp16_weights=False, threshold=6.0)
+            layer.weight = bnb.nn.Int8Params(module.weight.data, requires_grad=False, has_fp16_weights=False)
+        if has_bias:
+            layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        llm.set_submodule(name, layer)

@@ -1,0 +1,111 @@
+"""Command-line flags of `scripts/pretrain.py` and `scripts/finetune.py`, named as in LLaVA.
+
+Boolean flags accept LLaVA's `--bf16 True` spelling as well as a bare `--bf16`. Unknown flags are errors.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_DEMO_DIR = "outputs/demo_data"
+DEFAULT_OUTPUT = {"pretrain": "outputs/pretrain-tiny", "finetune": "outputs/finetune-tiny"}
+VERSION_TO_TEMPLATE = {"plain": "plain", "v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "llava_v1": "vicuna_v1",
+                       "chat_template": "chat_template", "qwen_2": "chat_template", "llama3": "chat_template"}
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def build_parser(stage: str) -> argparse.ArgumentParser:
+    """stage: "pretrain" (projector alignment) or "finetune" (MoSLoRA + projector)."""
+    p = argparse.ArgumentParser(prog=f"{stage}.py", allow_abbrev=False,
+                                description=f"mm_moslora stage {'1: projector alignment' if stage == 'pretrain' else '2: visual instruction tuning'}")
+    flag = lambda name, default=False, help="": p.add_argument(  # noqa: E731
+        name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+    m = p.add_argument_group("model")
+    m.add_argument("--model_name_or_path", default="tiny", help="HF causal LM folder or hub id; 'tiny' = built-in")
+    m.add_argument("--vision_tower", default="mm-tiny-vit",
+                   help="open_clip arch, ARCH:PRETRAINED (tag or local file), hf-hub:ID or a local open_clip folder")
+    m.add_argument("--mm_vision_select_layer", type=int, default=-2)
+    m.add_argument("--mm_vision_select_feature", default="patch", choices=["patch", "cls_patch"])
+    m.add_argument("--mm_projector_type", default="mlp2x_gelu")
+    m.add_argument("--pretrain_mm_mlp_adapter", default=None,
+                   help="stage-1 output folder, or a projector file (.safetensors, or LLaVA's mm_projector.bin)")
+    m.add_argument("--attn_implementation", default="sdpa")
+    flag("--tune_mm_mlp_adapter", stage == "pretrain", "train the projector (LLaVA's stage-1 flag)")
+    flag("--freeze_mm_mlp_adapter", False, "keep the projector frozen")
+    flag("--unfreeze_mm_vision_tower", False, "also train the vision tower")
+    flag("--trust_remote_code", False)
+    a = p.add_argument_group("adapter (stage 2)")
+    a.add_argument("--adapter", default="moslora", choices=["moslora", "lora"])
+    a.add_argument("--lora_r", type=int, default=64 if stage == "finetune" else 0)
+    a.add_argument("--lora_alpha", type=float, default=128)
+    a.add_argument("--lora_dropout", type=float, default=0.05)
+    a.add_argument("--mixer_init", default="kaiming", choices=["kaiming", "orthogonal"])
+    flag("--use_rslora", False)
+    a.add_argument("--lora_target_modules", default=None,
+                   help="comma-separated module-name suffixes or one regex (default: q,k,v,o,gate,up,down projections)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data_path", default=None, help="LLaVA JSON/JSONL (default: the built-in demo data)")
+    d.add_argument("--image_folder", default=None)
+    d.add_argument("--image_aspect_ratio", default="pad", choices=["pad", "square", "resize"])
+    d.add_argument("--version", "--conv_mode", dest="version", default="plain" if stage == "pretrain" else "chat_template",
+                   help=f"conversation template: {sorted(VERSION_TO_TEMPLATE)}")
+    d.add_argument("--model_max_length", type=int, default=2048)
+    flag("--group_by_modality_length", True)
+    flag("--skip_bad_samples", False, "train on the good records instead of stopping at bad ones")
+    flag("--lazy_preprocess", True, "accepted for LLaVA compatibility (data is always tokenized lazily)")
+    d.add_argument("--dataloader_num_workers", type=int, default=0)
+    t = p.add_argument_group("training")
+    t.add_argument("--output_dir", default=DEFAULT_OUTPUT[stage])
+    t.add_argument("--deepspeed", default=str(CONFIG_DIR / "zero2.json"), help="DeepSpeed JSON config")
+    t.add_argument("--num_train_epochs", type=float, default=1.0)
+    t.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_train_epochs when > 0")
+    t.add_argument("--per_device_train_batch_size", type=int, default=16)
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--learning_rate", type=float, default=1e-3 if stage == "pretrain" else 2e-4)
+    t.add_argument("--mm_projector_lr", type=float, default=None)
+    t.add_argument("--weight_decay", type=float, default=0.0)
+    t.add_argument("--warmup_ratio", type=float, default=0.03)
+    t.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
+    t.add_argument("--max_grad_norm", type=float, default=1.0)
+    flag("--gradient_checkpointing", False)
+    flag("--bf16", False)
+    flag("--fp16", False)
+    flag("--tf32", False)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--save_steps", type=int, default=500, help="checkpoint every N optimizer steps (0 = only at the end)")
+    t.add_argument("--save_strategy", default="steps", choices=["steps", "no"])
+    t.add_argument("--save_total_limit", type=int, default=2)
+    t.add_argument("--logging_steps", type=int, default=1)
+    t.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
+    flag("--resume", True, "continue from OUTPUT_DIR/checkpoints/latest when it exists")
+    t.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p
+
+
+def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(stage)
+    args = parser.parse_args(argv)
+    if args.version not in VERSION_TO_TEMPLATE:
+        parser.error(f"--version {args.version!r}: choose one of {sorted(VERSION_TO_TEMPLATE)}")
+    args.template = VERSION_TO_TEMPLATE[args.version]
+    if args.bf16 and args.fp16:
+        parser.error("--bf16 and --fp16 are exclusive")
+    if stage == "finetune" and args.lora_r <= 0:
+        parser.error("--lora_r must be positive for finetuning")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.save_strategy == "no":
+        args.save_steps = 0
+    args.stage = stage
+    return args

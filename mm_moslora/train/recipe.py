@@ -1,0 +1,293 @@
+"""The two-stage training recipe, read top to bottom: setup -> data -> model -> engine -> loop -> save.
+
+Stage "pretrain" trains the projector with the LLM frozen (LLaVA stage 1, `plain` template).
+Stage "finetune" injects MoSLoRA (or LoRA) into the LLM and trains it with the projector (stage 2).
+Runs under the `deepspeed` launcher (one process per GPU) or as a plain single `python` process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..adapters import AdapterConfig, adapter_state_dict, format_parameter_report, inject_adapters
+from ..data.collate import collate, epoch_batches
+from ..data.dataset import LlavaDataset, load_llava_data
+from ..data.images import ImageProcessor
+from ..model.build import build_model, mm_config_for, save_mm_checkpoint, weights_fingerprint
+from ..model.projector import load_projector_state
+from .args import DEFAULT_DEMO_DIR
+from .checkpoint import (latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
+                         save_training_checkpoint)
+from .ds_config import load_deepspeed_config
+
+log = logging.getLogger("mm_moslora.train")
+
+
+# ---------------------------------------------------------------- setup
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). A plain `python` run becomes a one-process group."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def default_data(args: argparse.Namespace, rank: int) -> None:
+    """No --data_path: generate (once) and use the built-in synthetic visual-QA data."""
+    if args.data_path is not None:
+        return
+    from ..demo_data import generate
+
+    if rank == 0:
+        generate(DEFAULT_DEMO_DIR)
+    dist.barrier()
+    args.data_path = f"{DEFAULT_DEMO_DIR}/{'pretrain' if args.stage == 'pretrain' else 'finetune'}.json"
+    args.image_folder = args.image_folder or f"{DEFAULT_DEMO_DIR}/images"
+    log.info("no --data_path: training on the built-in demo data %s", args.data_path)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+    return factor
+
+
+def load_stage1_projector(model, path: str) -> None:
+    """--pretrain_mm_mlp_adapter: a stage-1 output folder, a .safetensors file or LLaVA's mm_projector.bin."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "mm_projector.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {path}: no projector file found")
+    state = load_file(str(p)) if p.suffix == ".safetensors" else torch.load(p, map_location="cpu", weights_only=True)
+    load_projector_state(model.projector, state)
+
+
+def gathered(named_params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """Full CPU copies of parameters, gathering ZeRO-3 partitions first (collective under ZeRO-3)."""
+    import deepspeed
+
+    partitioned = [p for _, p in named_params if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None, enabled=bool(partitioned)):
+        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named_params}
+
+
+# ---------------------------------------------------------------- the recipe
+def train(args: argparse.Namespace) -> dict:
+    import deepspeed
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world_size, device = init_distributed()
+    logging.getLogger("mm_moslora").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    torch.manual_seed(args.seed)
+    if args.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    out_dir = Path(args.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(ckpt_dir)
+    default_data(args, rank)
+
+    # Model: base weights in the training dtype; adapters and projector are trainable.
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    model, tokenizer = build_model(args.model_name_or_path, args.vision_tower, None, args.mm_vision_select_layer,
+                                   args.mm_vision_select_feature, args.mm_projector_type, dtype,
+                                   args.attn_implementation, args.trust_remote_code, args.unfreeze_mm_vision_tower)
+    llm_fingerprint = weights_fingerprint(model.llm)
+    model.llm.requires_grad_(False)
+    if args.pretrain_mm_mlp_adapter:
+        load_stage1_projector(model, args.pretrain_mm_mlp_adapter)
+    elif args.stage == "finetune":
+        default_stage1 = Path("outputs/pretrain-tiny")
+        if args.model_name_or_path == "tiny" and (default_stage1 / "mm_projector.safetensors").exists():
+            load_stage1_projector(model, str(default_stage1))
+            log.info("loaded the stage-1 projector from %s", default_stage1)
+        else:
+            log.warning("no --pretrain_mm_mlp_adapter: the projector starts from random weights")
+    model.projector.requires_grad_(args.tune_mm_mlp_adapter or (args.stage == "finetune" and not args.freeze_mm_mlp_adapter))
+    adapter_config = None
+    if args.stage == "finetune":
+        targets = args.lora_target_modules
+        if targets and "," in targets:
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        adapter_config = AdapterConfig(adapter=args.adapter, r=args.lora_r, alpha=args.lora_alpha,
+                                       dropout=args.lora_dropout, mixer_init=args.mixer_init,
+                                       use_rslora=args.use_rslora, target_modules=targets,
+                                       base_model=args.model_name_or_path)
+        torch.manual_seed(args.seed)  # adapter init does not depend on what was built before
+        inject_adapters(model.llm, adapter_config, dtype=dtype)
+    if args.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info(format_parameter_report(model))
+
+    # Data: validated up front, tokenized lazily.
+    records, report = load_llava_data(args.data_path, tokenizer, args.template, model.num_image_tokens,
+                                      args.image_folder, args.model_max_length, args.skip_bad_samples)
+    dataset = LlavaDataset(records, tokenizer, args.template, model.num_image_tokens,
+                           ImageProcessor.for_tower(model.vision, args.image_aspect_ratio), args.image_folder,
+                           args.model_max_length)
+    lengths = dataset.lengths()
+    batches_per_epoch = len(epoch_batches(lengths, args.per_device_train_batch_size, world_size, args.seed, 0,
+                                          args.group_by_modality_length))
+    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{args.data_path}: {len(dataset)} usable records are fewer than one optimizer step needs "
+                         f"(batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}"
+                         f" x {world_size} processes)")
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+
+    # Engine: our AdamW (fused on GPU) with a separate projector learning rate; DeepSpeed does ZeRO.
+    adapter_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
+    projector_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")]
+    groups = [{"params": adapter_params, "lr": args.learning_rate, "weight_decay": args.weight_decay}]
+    if projector_params:
+        groups.append({"params": projector_params, "lr": args.mm_projector_lr or args.learning_rate, "weight_decay": 0.0})
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps), total_steps))
+    ds_config = load_deepspeed_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
+                                      grad_accum=args.gradient_accumulation_steps, world_size=world_size,
+                                      bf16=args.bf16, fp16=args.fp16, max_grad_norm=args.max_grad_norm,
+                                      hidden_size=model.llm.config.hidden_size)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    zero3 = engine.zero_optimization_stage() == 3
+
+    mm_config = mm_config_for(model, args.model_name_or_path, args.mm_projector_type,
+                              "plain" if args.stage == "pretrain" else args.template, args.image_aspect_ratio,
+                              args.attn_implementation, stage=args.stage, llm_fingerprint=llm_fingerprint)
+
+    def write_inference_files(folder: Path) -> None:
+        projector = gathered(list(engine.module.projector.named_parameters()))
+        adapter = None
+        if adapter_config is not None:
+            named = [(n, p) for n, p in engine.module.llm.named_parameters() if "lora_" in n]
+            adapter = (adapter_config, adapter_state_dict_from(named))
+        vision = (gathered(list(engine.module.vision.visual.named_parameters()))
+                  if args.unfreeze_mm_vision_tower else None)
+        if rank == 0:
+            save_mm_checkpoint(folder, mm_config, tokenizer, projector, adapter, vision)
+
+    def adapter_state_dict_from(named):
+        full = gathered(named)
+        expected = set(adapter_state_dict(engine.module.llm)) if not zero3 else set(full)
+        return {k: v for k, v in full.items() if k in expected}
+
+    # Resume: model, optimizer, scheduler, RNG and data position.
+    state = {"global_step": 0, "micro_step": 0, "samples": 0, "skipped_images": 0, "tokens": 0}
+    tag = latest_checkpoint(ckpt_dir) if args.resume else None
+    if tag:
+        client = load_training_checkpoint(engine, ckpt_dir, tag)
+        state.update({k: client[k] for k in state if k in client})
+        log.info("resumed from %s (step %d)", ckpt_dir / tag, state["global_step"])
+
+    writer = None
+    if rank == 0 and args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out_dir / "runs"))
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc=args.stage, disable=rank != 0, dynamic_ncols=True)
+    engine.train()
+    loss_sum, loss_count, t_window, samples_window = 0.0, 0, time.time(), 0
+    t_start, last_loss = time.time(), float("nan")
+    micro_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
+    while state["global_step"] < total_steps:
+        epoch, micro_in_epoch = divmod(state["micro_step"], micro_per_epoch)
+        order = epoch_batches(lengths, args.per_device_train_batch_size, world_size, args.seed, epoch,
+                              args.group_by_modality_length)[:micro_per_epoch]
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=[b[rank] for b in order[micro_in_epoch:]],
+            collate_fn=lambda s: collate(s, tokenizer.pad_token_id), num_workers=args.dataloader_num_workers)
+        for batch in loader:
+            state["skipped_images"] += batch["n_skipped"]
+            if "input_ids" in batch:
+                inputs = {k: v.to(device) if v is not None else None for k, v in batch.items()
+                          if k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+                loss = engine(**inputs).loss
+                n_samples = batch["input_ids"].shape[0]
+                state["tokens"] += int(batch["attention_mask"].sum())
+            else:
+                # Every image in this micro-batch failed to decode: keep the collectives in step with a
+                # zero-loss pass over a 1-token dummy input.
+                dummy = torch.full((1, 1), tokenizer.pad_token_id, device=device)
+                loss = engine(input_ids=dummy, labels=torch.full_like(dummy, -100)).logits.sum() * 0.0
+                n_samples = 0
+            engine.backward(loss)
+            engine.step()
+            state["micro_step"] += 1
+            state["samples"] += n_samples * world_size
+            samples_window += n_samples * world_size
+            loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
+            if state["micro_step"] % args.gradient_accumulation_steps:
+                continue
+            state["global_step"] += 1
+            step = state["global_step"]
+            last_loss = loss_sum / loss_count
+            lr = scheduler.get_last_lr()[0]
+            if step % args.logging_steps == 0 or step == total_steps:
+                rate = samples_window / max(1e-9, time.time() - t_window)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                if writer:
+                    writer.add_scalar("train/loss", last_loss, step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/samples_per_s", rate, step)
+                t_window, samples_window = time.time(), 0
+            loss_sum, loss_count = 0.0, 0
+            bar.update(1)
+            if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
+                save_training_checkpoint(engine, ckpt_dir, step, dict(state), write_inference_files,
+                                         args.save_total_limit)
+            if step >= total_steps:
+                break
+    bar.close()
+
+    # Save: a resumable last checkpoint plus the inference files in OUTPUT_DIR itself.
+    save_training_checkpoint(engine, ckpt_dir, state["global_step"], dict(state), write_inference_files,
+                             args.save_total_limit)
+    write_inference_files(out_dir)
+    elapsed = time.time() - t_start
+    summary = {"stage": args.stage, "steps": state["global_step"], "samples": state["samples"],
+               "final_loss": round(last_loss, 6), "train_seconds": round(elapsed, 1),
+               "samples_per_second": round(state["samples"] / max(elapsed, 1e-9), 2),
+               "skipped_images": state["skipped_images"], "dropped_records": len(report.bad_indices),
+               "output_dir": str(out_dir)}
+    if rank == 0:
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if writer:
+            writer.close()
+        print(f"[mm_moslora] {args.stage} done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+              f"{summary['samples_per_second']} samples/s, {summary['skipped_images']} images skipped, "
+              f"{summary['dropped_records']} records dropped -> {out_dir}", flush=True)
+    dist.barrier()
+    return summary

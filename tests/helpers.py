@@ -1,0 +1,90 @@
+"""Shared test fixtures on disk: a tiny trained-looking checkpoint, a few images, a LLaVA question file.
+
+Everything is built from fixed seeds, so two calls with the same arguments write identical files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mm_moslora.model.build import build_model, mm_config_for, save_mm_checkpoint
+
+IMAGE_COLOURS = ((220, 40, 40), (30, 160, 60), (40, 70, 210), (230, 200, 30), (120, 40, 160), (20, 20, 20))
+
+
+def make_tiny_checkpoint(directory: str | Path, adapter: bool = True, conv_mode: str = "vicuna_v1",
+                         seed: int = 0, adapter_kind: str = "moslora") -> Path:
+    """Write a stage-2 style checkpoint of the tiny model into `directory` and return its path.
+
+    The random tiny model answers every image almost alike, so the projector is re-drawn at a large
+    scale (image features then steer the LM) and, with `adapter`, a MoSLoRA adapter (r=8) with non-zero
+    B is saved, so loading, merging and generation all depend on the saved adapter weights.
+    """
+    directory = Path(directory)
+    model, tokenizer = build_model("tiny", mm_projector_type="mlp2x_gelu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.projector.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    adapter_state = None
+    if adapter:
+        from mm_moslora.adapters import AdapterConfig, adapter_state_dict, inject_adapters
+
+        config = AdapterConfig(adapter=adapter_kind, r=8, alpha=16.0, dropout=0.0, base_model="tiny")
+        inject_adapters(model.llm, config)
+        with torch.no_grad():
+            for name, param in model.llm.named_parameters():
+                if name.endswith("lora_B"):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        adapter_state = (config, adapter_state_dict(model.llm))
+    mm_config = mm_config_for(model, "tiny", "mlp2x_gelu", conv_mode=conv_mode, image_aspect_ratio="pad",
+                              stage=2 if adapter else 1)
+    save_mm_checkpoint(directory, mm_config, tokenizer, model.projector.state_dict(), adapter=adapter_state)
+    return directory
+
+
+def make_images(directory: str | Path, n: int = 3, size: tuple[int, int] = (48, 40)) -> list[Path]:
+    """Write `n` distinct PNG images (a coloured background with a square at a varying place)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        image = Image.new("RGB", size, IMAGE_COLOURS[i % len(IMAGE_COLOURS)])
+        corner = (5 * i) % (size[0] // 2)
+        image.paste((255, 255, 255), (corner, corner, corner + size[0] // 3, corner + size[1] // 3))
+        path = directory / f"img{i}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+QUESTIONS = ("What is in the image?", "Describe the colours.", "Is there a square?", "What shape do you see?",
+             "Answer with one word: what colour is the background of this picture?", "Count the objects.")
+
+
+def make_question_file(path: str | Path, image_names: list[str], n: int = 8, with_placeholder_every: int = 2) -> Path:
+    """A LLaVA question file with `n` questions cycling over `image_names`; every other text already
+    starts with "<image>\\n" (both styles occur in LLaVA's files), and each has a category and metadata."""
+    path = Path(path)
+    with path.open("w") as f:
+        for i in range(n):
+            text = QUESTIONS[i % len(QUESTIONS)]
+            if i % with_placeholder_every == 0:
+                text = "<image>\n" + text
+            image = image_names[i % len(image_names)]
+            record = {"question_id": f"q{i}", "image": image, "text": text, "category": f"cat{i % 2}",
+                      "metadata": {"image": image, "question": QUESTIONS[i % len(QUESTIONS)]}}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def make_eval_set(directory: str | Path, n_questions: int = 8, n_images: int = 3) -> dict[str, Path]:
+    """Checkpoint + images + question file under `directory`: {"checkpoint", "images", "questions"}."""
+    directory = Path(directory)
+    checkpoint = make_tiny_checkpoint(directory / "ckpt")
+    image_paths = make_images(directory / "images", n_images)
+    questions = make_question_file(directory / "questions.jsonl", [p.name for p in image_paths], n_questions)
+    return {"checkpoint": checkpoint, "images": directory / "images", "questions": questions}
