@@ -68,18 +68,26 @@ def answered_ids(answers_file: Path) -> set:
     return {json.loads(line)["question_id"] for line in complete.decode().splitlines() if line.strip()}
 
 
-def to_request(question: dict, image_folder: str | None) -> Request:
+def image_path(question: dict, image_folder: str | None) -> Path | None:
+    """The question's image file (checked to exist), or None for a text-only question."""
     qid = question.get("question_id")
     if qid is None or not isinstance(question.get("text"), str):
         raise QuestionError(f"question record {json.dumps(question)[:120]} lacks 'question_id' or 'text'")
-    text, images = question["text"], []
-    if question.get("image"):
-        try:
-            path = resolve_image_path(question["image"], image_folder)
-        except ValueError as err:
-            raise QuestionError(f"question {qid}: {err}") from None
-        if not path.is_file():
-            raise QuestionError(f"question {qid}: image not found: {path}")
+    if not question.get("image"):
+        return None
+    try:
+        path = resolve_image_path(question["image"], image_folder)
+    except ValueError as err:
+        raise QuestionError(f"question {qid}: {err}") from None
+    if not path.is_file():
+        raise QuestionError(f"question {qid}: image not found: {path}")
+    return path
+
+
+def to_request(question: dict, image_folder: str | None) -> Request:
+    qid, text, images = question.get("question_id"), question.get("text"), []
+    path = image_path(question, image_folder)
+    if path is not None:
         try:
             images = [load_image(path)]
         except (OSError, ValueError) as err:
@@ -109,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         print(f"{answers_file}: all {len(questions)} questions of this chunk are answered", file=sys.stderr)
         return 0
+    for question in todo:  # find missing images before the model is loaded, not hours into the run
+        image_path(question, args.image_folder)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     engine = InferenceEngine.from_checkpoint(args.model, device=device, dtype=dtype, conv_mode=args.conv_mode)

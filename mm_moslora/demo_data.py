@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -73,6 +73,7 @@ IMAGE_TOKEN = "<image>"
 OPTION_LETTERS = "ABCD"
 
 MIN_SIZE, MAX_SIZE = 0.20, 0.30  # shape bounding-box side, fraction of the image side
+MAX_OBJECTS = 4
 EDGE_MARGIN = 0.03  # keeps corners free of shapes (and the background visible there)
 GAP = 0.04  # minimum empty space between two shapes' bounding boxes
 MME_SUBTASKS = ("existence", "count", "position", "color")
@@ -125,7 +126,7 @@ class Scene:
                 tuple(sorted((o.color, o.shape, int(o.x * 10), int(o.y * 10)) for o in self.objects)))
 
     def to_dict(self) -> dict:
-        return {"background": self.background, "objects": [asdict(o) for o in self.objects]}
+        return {"background": self.background, "objects": [dict(vars(o)) for o in self.objects]}
 
     @staticmethod
     def from_dict(d: dict) -> "Scene":
@@ -159,7 +160,7 @@ def _separated(a: SceneObject, b: SceneObject, axis: str) -> bool:
 
 def sample_scene(rng: np.random.Generator, n_objects: int | None = None,
                  allowed_combos: Iterable[Combo] | None = None,
-                 required_combos: Sequence[Combo] = (), max_objects: int = 4) -> Scene:
+                 required_combos: Sequence[Combo] = (), max_objects: int = MAX_OBJECTS) -> Scene:
     """Draw a random scene.
 
     Args:
@@ -169,11 +170,16 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None,
             every pair except the held-out ones.
         required_combos: pairs that must be in the scene (distinct colours), e.g. a held-out pair
             for an evaluation scene; they need not be in ``allowed_combos``.
-        max_objects: upper bound of the default object count (at most 4 fit reliably).
+        max_objects: upper bound of the default object count.
+
+    Raises:
+        ValueError: more than ``MAX_OBJECTS`` objects (more do not fit at these sizes reliably).
     """
     allowed = list(allowed_combos) if allowed_combos is not None else all_combinations()
     n = int(n_objects) if n_objects is not None else int(rng.integers(1, max_objects + 1))
     n = max(n, len(required_combos))
+    if not 1 <= n <= MAX_OBJECTS:
+        raise ValueError(f"a scene holds 1..{MAX_OBJECTS} objects, got {n}")
     if len({c for c, _ in required_combos}) != len(required_combos):
         raise ValueError(f"required combinations must have distinct colours: {required_combos}")
     while True:  # whole-scene retries: a bad early placement can leave no room for later objects
@@ -496,17 +502,13 @@ def ask_position_which(scene: Scene, rng, focus: int | None = None) -> QA | None
 def ask_logical(scene: Scene, rng, focus: int | None = None, want: bool | None = None,
                 allowed_combos: Sequence[Combo] | None = None) -> QA | None:
     """"Is there a <A> and/or a <B> in the image?" (yes/no)."""
-    op = _pick(rng, ["and", "or"])
     yes = _want(rng, want)
     present = [o.combo for o in scene.objects]
+    op = "or" if yes and len(present) < 2 else _pick(rng, ["and", "or"])  # keeps yes/no balanced
     # number of the two named objects that are present, for the wanted truth value
     n_present = {("and", True): 2, ("and", False): int(rng.integers(0, 2)),
                  ("or", True): int(rng.integers(1, 3)), ("or", False): 0}[(op, yes)]
     n_present = min(n_present, len(present))
-    if op == "and" and yes and n_present < 2:
-        return None
-    if op == "or" and yes and n_present < 1:
-        return None
     named = _sample(rng, present, n_present)
     if focus is not None and n_present and scene.objects[focus].combo not in named:
         named[0] = scene.objects[focus].combo
@@ -523,13 +525,12 @@ def ask_logical(scene: Scene, rng, focus: int | None = None, want: bool | None =
               "existAttrAnd" if op == "and" else "existAttrOr", tuple(named))
 
 
-def _with_options(qa: QA, correct: str, pool: Sequence[str], rng, n_options: int,
-                  qtype: str = "multiple_choice") -> QA:
+def _with_options(qa: QA, correct: str, pool: Sequence[str], rng, n_options: int) -> QA:
     """Turn a short-answer QA into a multiple-choice one (options shuffled, answer a letter)."""
     distractors = _sample(rng, [p for p in pool if p != correct], n_options - 1)
     options = _sample(rng, [correct] + distractors, n_options)
     letter = OPTION_LETTERS[options.index(correct)]
-    return QA(qa.question, letter, qtype, "other", f"The answer is {letter}. {correct}",
+    return QA(qa.question, letter, "multiple_choice", "other", f"The answer is {letter}. {correct}",
               qa.structural, qa.semantic, qa.detailed, qa.combos, tuple(options), qa.hint,
               qa.subject)
 
@@ -696,7 +697,10 @@ def ask(kind: str, scene: Scene, rng, focus: int | None = None, want: bool | Non
 
 
 def _ask_mixed(scene: Scene, rng, kinds: dict[str, float], allowed_combos, focus=None,
-               avoid: set[str] = frozenset()) -> QA | None:
+               avoid: Iterable[str] = ()) -> QA | None:
+    """A question of a kind drawn with ``kinds``' weights; retries kinds that do not apply to the
+    scene and questions already in ``avoid`` (earlier turns)."""
+    avoid = set(avoid)
     names = list(kinds)
     p = np.array([kinds[k] for k in names])
     for _ in range(20):
@@ -730,10 +734,11 @@ def _render_and_save(task: tuple[dict, str, int]) -> None:
     render_scene(Scene.from_dict(scene), image_size).save(path, format="PNG")
 
 
-def _draw_all(jobs: list[tuple[Scene, Path]], image_size: int, workers: int, progress: bool) -> None:
-    for _, path in jobs:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tasks = [(scene.to_dict(), str(path), image_size) for scene, path in jobs]
+def _draw_all(jobs: list[tuple[dict, Path]], image_size: int, workers: int, progress: bool) -> None:
+    """Render and save every (scene dict, path) job; scenes travel as dicts to worker processes."""
+    for folder in {path.parent for _, path in jobs}:
+        folder.mkdir(parents=True, exist_ok=True)
+    tasks = [(scene, str(path), image_size) for scene, path in jobs]
     bar = tqdm(total=len(tasks), desc="drawing images", unit="img", disable=not progress)
     if workers <= 1:
         for t in tasks:
@@ -753,7 +758,7 @@ class _Builder:
         self.out, self.seed = out, seed
         self.held_out = set(held_out)
         self.allowed = [cs for cs in all_combinations() if cs not in self.held_out]
-        self.jobs: list[tuple[Scene, Path]] = []
+        self.jobs: list[tuple[dict, Path]] = []
         self.scenes: dict[str, dict] = {}
         self.train_signatures: set = set()
         self.train_combo_counts: Counter = Counter()
@@ -762,8 +767,8 @@ class _Builder:
         return np.random.default_rng([self.seed, _STREAMS[stream]])
 
     def add_image(self, scene: Scene, rel: str) -> str:
-        self.jobs.append((scene, self.out / IMAGE_FOLDER / rel))
         self.scenes[rel] = scene.to_dict()
+        self.jobs.append((self.scenes[rel], self.out / IMAGE_FOLDER / rel))
         return rel
 
     # training ---------------------------------------------------------------------------
@@ -931,6 +936,7 @@ def _make_vqav2(b: _Builder, n: int) -> dict:
                 {"info": {"description": "mm_moslora demo shapes"}, "data_type": "mscoco",
                  "data_subtype": "val2014", "annotations": annotations})
     return {"question_file": "eval/vqav2/llava_vqav2_val.jsonl",
+            "annotation_files": ["eval/vqav2/v2_mscoco_val_annotations.json"],
             "annotations": {"questions": "eval/vqav2/v2_OpenEnded_mscoco_val_questions.json",
                             "annotations": "eval/vqav2/v2_mscoco_val_annotations.json"},
             "rows": rows}
@@ -977,8 +983,8 @@ def _make_pope(b: _Builder, n: int) -> dict:
         _write_jsonl(d / f"coco_pope_{split}.json", lines)
     _write_jsonl(d / "llava_pope_test.jsonl", rows)
     return {"question_file": "eval/pope/llava_pope_test.jsonl",
-            "annotations": {s: f"eval/pope/coco_pope_{s}.json" for s in POPE_SPLITS},
-            "annotation_dir": "eval/pope", "rows": rows}
+            "annotation_files": [f"eval/pope/coco_pope_{s}.json" for s in POPE_SPLITS],
+            "annotations": {s: f"eval/pope/coco_pope_{s}.json" for s in POPE_SPLITS}, "rows": rows}
 
 
 def _make_scienceqa(b: _Builder, n: int) -> dict:
@@ -1010,6 +1016,8 @@ def _make_scienceqa(b: _Builder, n: int) -> dict:
     _write_json(d / "problems.json", problems)
     _write_json(d / "pid_splits.json", {"test": list(problems)})
     return {"question_file": "eval/scienceqa/llava_test_CQM-A.jsonl",
+            "annotation_files": ["eval/scienceqa/problems.json"],
+            "split_file": "eval/scienceqa/pid_splits.json",
             "annotations": {"problems": "eval/scienceqa/problems.json",
                             "pid_splits": "eval/scienceqa/pid_splits.json"},
             "rows": rows}
@@ -1052,6 +1060,7 @@ def _make_mme(b: _Builder, n: int) -> dict:
             txt.write_text("".join(lines))
     _write_jsonl(d / "llava_mme.jsonl", rows)
     return {"question_file": "eval/mme/llava_mme.jsonl",
+            "annotation_files": ["eval/mme/MME_Benchmark"],
             "annotations": {"mme_root": "eval/mme/MME_Benchmark"}, "rows": rows, "links": links}
 
 
@@ -1075,6 +1084,7 @@ def _make_gqa(b: _Builder, n: int) -> dict:
     _write_jsonl(d / "llava_gqa_testdev_balanced.jsonl", rows)
     _write_json(d / "testdev_balanced_questions.json", gt)
     return {"question_file": "eval/gqa/llava_gqa_testdev_balanced.jsonl",
+            "annotation_files": ["eval/gqa/testdev_balanced_questions.json"],
             "annotations": {"questions": "eval/gqa/testdev_balanced_questions.json"}, "rows": rows}
 
 
@@ -1186,6 +1196,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 4000,
     _write_json(out / "finetune.json", finetune)
     _write_json(out / "scenes.json", b.scenes, indent=None)
 
+    # Paths relative to out_dir; per benchmark: "benchmark" (eval/score.py --benchmark),
+    # "question_file", "annotation_files" (each one --annotation-file), optional "split_file".
     index = {"image_folder": IMAGE_FOLDER, "held_out_flag": "metadata.held_out", "benchmarks": {}}
     counts: dict[str, Any] = {
         "pretrain": len(pretrain), "finetune": len(finetune),

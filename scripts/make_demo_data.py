@@ -1,6 +1,6 @@
 """Generate the built-in procedural visual-QA demo data (images, LLaVA JSON, evaluation sets).
 
-    python scripts/make_demo_data.py --out demo_work/data --seed 0 \
+    python scripts/make_demo_data.py --out outputs/demo_data --seed 0 \
         --n-train 4000 --n-pretrain 4000 --n-eval 300 --image-size 64 --workers 2
 
 Writes DIR/images/{train,eval}/, DIR/pretrain.json, DIR/finetune.json, DIR/eval/<bench>/ and

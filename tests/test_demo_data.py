@@ -437,7 +437,7 @@ def test_index_and_manifest(data):
     assert index["image_folder"] == "images"
     for name, info in index["benchmarks"].items():
         assert info["benchmark"] == name and (data / info["question_file"]).is_file()
-        for path in info["annotations"].values():
+        for path in [*info["annotations"].values(), *info["annotation_files"]]:
             assert (data / path).exists()
     manifest = dd.read_manifest(data)
     args = {k: v for k, v in SMALL.items() if k != "progress"}
@@ -445,6 +445,25 @@ def test_index_and_manifest(data):
     assert manifest["counts"]["finetune"] == SMALL["n_train"]
     assert manifest["counts"]["eval_vqav2"] == SMALL["n_eval"]
     assert not (data / dd._IN_PROGRESS).exists()
+
+
+def test_perfect_answers_score_full_marks_with_eval_score(data):
+    """The ground truth and index.json work with the project's scorer: right answers get 100%."""
+    sys.path.insert(0, str(REPO))
+    from eval import score
+
+    index = json.loads((data / "eval" / "index.json").read_text())
+    for name, info in index["benchmarks"].items():
+        answers = []
+        for r in _jsonl(data / info["question_file"]):
+            text = r["metadata"]["answer"]
+            answers.append({"question_id": r["question_id"], "prompt": r["text"],
+                            "text": text.capitalize() if name == "mme" else text,
+                            "metadata": r["metadata"]})
+        result = score.score_benchmark(
+            info["benchmark"], answers, [data / p for p in info["annotation_files"]],
+            split_file=data / info["split_file"] if info.get("split_file") else None)
+        assert result["overall"] == (200 * len(dd.MME_SUBTASKS) if name == "mme" else 100), name
 
 
 def test_majority_baseline():

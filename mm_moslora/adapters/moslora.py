@@ -156,11 +156,16 @@ class MoSLoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = self.dropout(x.to(self.lora_A.dtype))
-        h = F.linear(h, self.lora_A)                   # (..., r)
-        if self.lora_M is not None:
-            h = F.linear(h, self.lora_M)               # (..., r): h @ Mᵀ = M applied to each A x
-        h = F.linear(h * self.scaling, self.lora_B)    # scale the r-wide tensor, cheaper than the d_out-wide one
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+        h = x.to(self.lora_A.dtype)
+        if torch.is_grad_enabled():
+            h = LowRankBranch.apply(h, self.lora_A, self.lora_M, self.lora_B, self.scaling, p)
+        else:
+            h = F.dropout(h, p, True) if p > 0 else h
+            h = F.linear(h, self.lora_A)                   # (..., r)
+            if self.lora_M is not None:
+                h = F.linear(h, self.lora_M)               # (..., r): h @ Mᵀ = M applied to each A x
+            h = F.linear(h * self.scaling, self.lora_B)    # scale the r-wide tensor, cheaper than the d_out-wide one
         # Back to the base output's dtype (x's dtype, except under autocast where both follow the autocast dtype).
         return y + h.to(y.dtype)
 
@@ -193,3 +198,60 @@ class MoSLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"adapter={self.adapter}, r={self.r}, scaling={self.scaling:g}, "
                 f"dtype={self.lora_A.dtype}, merged={self.merged}")
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _replay_dropout(t: torch.Tensor, p: float, state) -> torch.Tensor:
+    """F.dropout(t, p) with the mask drawn from RNG `state`: the same mask as the forward pass drew."""
+    devices = [t.device] if t.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=t.device.type if devices else "cuda"):
+        if t.device.type == "cuda":
+            torch.cuda.set_rng_state(state, t.device)
+        else:
+            torch.set_rng_state(state)
+        return F.dropout(t, p, True)
+
+
+class LowRankBranch(torch.autograd.Function):
+    """s·B·M·A·dropout(x) for training, lean on activation memory.
+
+    Saved for backward: x itself (the same tensor the frozen base layer and the sibling projections of
+    q/k/v or gate/up receive, so it costs nothing extra), the two r-wide intermediates A·x and M·A·x, and an
+    RNG state. The dropout mask is regenerated from that state in backward instead of storing a masked copy
+    of x per module, which is what makes LoRA fine-tuning run out of memory without activation checkpointing.
+    Shapes: x (..., d_in), A (r, d_in), M (r, r) or None (plain LoRA), B (d_out, r) -> (..., d_out).
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, M, B, scaling: float, p: float):
+        state = _rng_state(x.device) if p > 0 else None
+        h = F.dropout(x, p, True) if p > 0 else x
+        u = F.linear(h, A)
+        v = F.linear(u, M) if M is not None else u
+        out = F.linear(v * scaling, B)
+        ctx.save_for_backward(x, A, M, B, u, v)
+        ctx.scaling, ctx.p, ctx.rng = scaling, p, state
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, M, B, u, v = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(B.dtype)
+        u2, v2 = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
+        grad_B = (g.t() @ v2) * s if ctx.needs_input_grad[3] else None
+        gv = (g @ B) * s                                        # (N, r)
+        grad_M = gv.t() @ u2 if M is not None and ctx.needs_input_grad[2] else None
+        gu = gv @ M if M is not None else gv                    # (N, r)
+        grad_A = grad_x = None
+        if ctx.needs_input_grad[1]:
+            h = _replay_dropout(x, p, ctx.rng) if p > 0 else x
+            grad_A = gu.t() @ h.reshape(-1, h.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = (gu @ A).reshape(*x.shape[:-1], A.shape[1])
+            if p > 0:
+                grad_x = _replay_dropout(grad_x, p, ctx.rng)
+        return grad_x, grad_A, grad_M, grad_B, None, None

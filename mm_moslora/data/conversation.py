@@ -45,13 +45,14 @@ def to_messages(conversations: list[dict]) -> list[dict]:
         if not isinstance(turn["value"], str):
             raise ConversationError(f"turn {i}: 'value' must be a string")
         messages.append({"role": role, "content": turn["value"]})
-    body = messages[1:] if messages[0]["role"] == "system" else messages
+    first = 1 if messages[0]["role"] == "system" else 0
+    body = messages[first:]
     for i, msg in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if msg["role"] != expected:
-            raise ConversationError(f"turns out of order: turn {i} is from {msg['role']}, expected {expected}")
+            raise ConversationError(f"turns out of order: turn {i + first} is from {msg['role']}, expected {expected}")
         if expected == "assistant" and not msg["content"].strip():
-            raise ConversationError(f"turn {i}: empty assistant reply")
+            raise ConversationError(f"turn {i + first}: empty assistant reply")
     if not body or body[-1]["role"] != "assistant":
         raise ConversationError("the conversation must end with an assistant (gpt) reply")
     return messages
@@ -73,16 +74,70 @@ def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     return tail.rstrip()
 
 
+def _reply_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase, text: str,
+                 add_generation_prompt: bool) -> list[tuple[int, int]]:
+    """Character spans of the assistant replies (+ end-of-turn marker) in `text`, the chat template's
+    rendering of `messages`.
+
+    The template is rendered once more with every content replaced by a unique sentinel; the text
+    before each sentinel is the template's own markup ("gap") in front of that message. Walking `text`
+    gap, content, gap, content... pins every reply at its real place, so a short reply such as "A" is
+    never found inside markup such as "ASSISTANT:" or an earlier turn.
+    """
+    sentinels = [f"XQZ{i}SENTINELQZX" for i in range(len(messages))]
+    skeleton = tokenizer.apply_chat_template([dict(m, content=s) for m, s in zip(messages, sentinels)],
+                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+    end_marker = _end_of_turn(tokenizer)
+    spans: list[tuple[int, int]] = []
+    cursor = skeleton_cursor = 0
+    for msg, sentinel in zip(messages, sentinels):
+        is_reply = msg["role"] == "assistant"
+        at = skeleton.find(sentinel, skeleton_cursor)
+        if at < 0:  # the template does not show this message (e.g. it drops a system prompt)
+            if is_reply:
+                raise ConversationError("the chat template drops an assistant reply; cannot build its label mask")
+            continue
+        gap, skeleton_cursor = skeleton[skeleton_cursor:at], at + len(sentinel)
+        if text.startswith(gap, cursor):
+            pos = cursor + len(gap)
+        else:  # markup that depends on earlier content: find it further on, else search from here
+            found = text.find(gap, cursor)
+            pos = found + len(gap) if found >= 0 else cursor
+        content = msg["content"]
+        if text.startswith(content, pos):
+            start, end = pos, pos + len(content)
+        else:  # templates may rewrite content, e.g. Llama-3's `| trim`
+            content = content.strip()
+            start = text.find(content, pos) if content else -1
+            if start < 0:
+                if is_reply:
+                    raise ConversationError("the chat template rewrote an assistant reply; cannot locate it for "
+                                            "the label mask")
+                cursor = pos
+                continue
+            end = start + len(content)
+        if is_reply:
+            if end_marker and text.startswith(end_marker, end):
+                end += len(end_marker)
+            spans.append((start, end))
+        cursor = end
+    return spans
+
+
 def render(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: str,
            add_generation_prompt: bool = False) -> Rendered:
     """Messages -> text plus the spans of assistant replies. With `add_generation_prompt`, the last
     message must be a user turn and the text ends where the assistant's reply begins."""
     if template == "plain":
-        image = IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in messages[0]["content"] else ""
-        text = (tokenizer.bos_token or "") + image
+        body = [m for m in messages if m["role"] != "system"]
+        # LLaVA's stage-1 format: the images, then the caption; the human text is dropped.
+        text = (tokenizer.bos_token or "") + IMAGE_PLACEHOLDER * body[0]["content"].count(IMAGE_PLACEHOLDER)
         if add_generation_prompt:
             return Rendered(text, [])
-        reply = messages[1]["content"] + "\n"
+        if len(body) != 2:
+            raise ConversationError(f"the plain template takes one human turn and one gpt reply (captions), "
+                                    f"got {len(body)} turns")
+        reply = body[1]["content"] + "\n"
         return Rendered(text + reply, [(len(text), len(text) + len(reply))])
     if template == "vicuna_v1":
         system = next((m["content"] for m in messages if m["role"] == "system"), VICUNA_SYSTEM)
@@ -99,23 +154,7 @@ def render(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: s
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("--conv_mode chat_template: this tokenizer has no chat template; use vicuna_v1 or plain")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        end_marker = _end_of_turn(tokenizer)
-        spans, cursor = [], 0
-        for msg in messages:
-            if msg["role"] != "assistant":
-                found = text.find(msg["content"], cursor) if msg["content"] else -1
-                if found >= 0:  # keep replies from matching inside earlier user text
-                    cursor = found + len(msg["content"])
-                continue
-            start = text.find(msg["content"], cursor)
-            if start < 0:
-                raise ConversationError("the chat template rewrote an assistant reply; cannot locate it for the label mask")
-            end = start + len(msg["content"])
-            if end_marker and text.startswith(end_marker, end):
-                end += len(end_marker)
-            spans.append((start, end))
-            cursor = end
-        return Rendered(text, spans)
+        return Rendered(text, _reply_spans(messages, tokenizer, text, add_generation_prompt))
     raise ValueError(f"unknown conversation template {template!r}; choose one of {TEMPLATES}")
 
 
@@ -151,14 +190,16 @@ def tokenize_conversation(conversations: list[dict], tokenizer: PreTrainedTokeni
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """LLaVA conversation -> (input_ids (T,), labels (T,)), truncated to `max_length` tokens.
 
-    Truncation never cuts through an image's tokens (that record raises ConversationError instead).
+    Truncation never drops image tokens (such a record raises ConversationError instead).
     """
     rendered = render(to_messages(conversations), tokenizer, template)
     input_ids, labels = tokenize_rendered(rendered, tokenizer, num_image_tokens)
     if max_length is not None and len(input_ids) > max_length:
-        if input_ids[max_length - 1] == IMAGE_TOKEN_ID or (
-                max_length < len(input_ids) and input_ids[max_length] == IMAGE_TOKEN_ID):
-            raise ConversationError(f"--model_max_length {max_length} cuts through an image's tokens")
+        # Cutting into or before an image would leave its features without positions (the model
+        # then refuses the batch): such a record is an error, not a silent truncation.
+        if IMAGE_TOKEN_ID in input_ids[max_length:]:
+            raise ConversationError(f"--model_max_length {max_length} cuts off image tokens "
+                                    f"(the conversation has {len(input_ids)} tokens)")
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return torch.tensor(input_ids), torch.tensor(labels)
 

@@ -55,8 +55,8 @@ class ValidationReport:
 
 
 def read_raw_records(data_path: str | Path) -> tuple[list, list[Problem]]:
-    """Parse a JSON list or JSONL file. JSONL lines that are not valid JSON become problems
-    (record index = line number - 1) and a None placeholder, so indices stay aligned with lines."""
+    """Parse a JSON list or JSONL file. JSONL lines that are not valid JSON become problems (with
+    their line number) and a None placeholder, so record indices count every non-blank line."""
     path = Path(data_path)
     if not path.exists():
         raise FileNotFoundError(f"--data_path {data_path}: no such file")
@@ -80,19 +80,28 @@ def read_raw_records(data_path: str | Path) -> tuple[list, list[Problem]]:
 
 
 def image_list(record: dict) -> list[str]:
+    """The record's image paths: "image" may be absent, one path, or a list of paths."""
     image = record.get("image")
     if image is None:
         return []
-    return [image] if isinstance(image, str) else list(image)
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise ConversationError(f"'image' must be a path or a list of paths, got {image!r}")
+    return images
 
 
 def normalized_conversations(record: dict) -> list[dict]:
     """Conversations with the `<image>` placeholders LLaVA implies: when a record has images but no
-    placeholder, one is put at the start of the first human turn."""
-    turns = [dict(t) for t in record["conversations"]]
+    placeholder, one per image is put at the start of the first human turn."""
+    conversations = record["conversations"]
+    if not isinstance(conversations, list) or not all(isinstance(t, dict) for t in conversations):
+        raise ConversationError("'conversations' must be a list of {\"from\", \"value\"} objects")
+    turns = [dict(t) for t in conversations]
     n_images = len(image_list(record))
-    if n_images and not any(IMAGE_PLACEHOLDER in t.get("value", "") for t in turns):
-        turns[0]["value"] = (IMAGE_PLACEHOLDER + "\n") * n_images + turns[0]["value"]
+    if n_images and not any(IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in turns):
+        first_human = next((t for t in turns if t.get("from") in ("human", "user")), None)
+        if first_human is not None and isinstance(first_human.get("value"), str):
+            first_human["value"] = (IMAGE_PLACEHOLDER + "\n") * n_images + first_human["value"]
     return turns
 
 
@@ -112,11 +121,11 @@ def validate_records(records: list, path: str, tokenizer: PreTrainedTokenizerBas
         if "conversations" not in record:
             add("missing 'conversations'")
             continue
-        images = image_list(record)
         try:
+            images = image_list(record)
             turns = normalized_conversations(record)
             to_messages(turns)
-        except (ConversationError, AttributeError, TypeError) as err:
+        except ConversationError as err:
             add(str(err))
             continue
         n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
@@ -139,10 +148,11 @@ def validate_records(records: list, path: str, tokenizer: PreTrainedTokenizerBas
                 bad_image = True
         if bad_image:
             continue
-        # Only conversations that could be longer than max_length are tokenized here (a token covers at
-        # least one character), so validating a 665K-record file stays fast.
-        n_chars = sum(len(t["value"]) for t in turns) + 64 * len(turns)
-        if n_chars + len(images) * num_image_tokens > max_length:
+        # Only conversations that could be longer than max_length are tokenized here, so validating a
+        # 665K-record file stays fast. Bound: a token covers at least one UTF-8 byte (byte-level BPE and
+        # byte fallback), plus generous room for the template's markup and system prompt.
+        n_bytes = sum(len(t["value"].encode("utf-8")) for t in turns) + 64 * len(turns) + 512
+        if n_bytes + len(images) * num_image_tokens > max_length:
             try:
                 _, labels = tokenize_conversation(turns, tokenizer, template, num_image_tokens, max_length)
             except ConversationError as err:

@@ -1,6 +1,7 @@
 """Image loading and preprocessing with the vision tower's own size and normalisation."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -49,12 +50,16 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 
 
 def resolve_image_path(image: str, image_folder: str | Path | None) -> Path:
-    """Join a record's relative image path to --image_folder, refusing paths that leave the folder."""
+    """Join a record's relative image path to --image_folder, refusing paths that leave the folder.
+
+    The check is on the path as written ("../" components), not on resolved symlinks: image folders
+    are often links to where a dataset really lives (LLaVA's playground/data/coco -> /datasets/coco).
+    """
     path = Path(image)
     if image_folder is None or path.is_absolute():
         return path
-    folder = Path(image_folder).resolve()
-    full = (folder / path).resolve()
+    folder = Path(os.path.abspath(image_folder))
+    full = Path(os.path.normpath(folder / path))
     if folder != full and folder not in full.parents:
         raise ValueError(f"image path {image!r} leaves --image_folder {str(image_folder)!r}")
     return full

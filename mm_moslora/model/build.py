@@ -47,13 +47,24 @@ def build_tokenizer(model_name_or_path: str, trust_remote_code: bool = False) ->
 
 
 def build_llm(model_name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-              trust_remote_code: bool = False, init_seed: int = 0) -> torch.nn.Module:
-    if model_name_or_path == TINY:
-        config = AutoConfig.for_model(**json.loads((TINY_DIR / "llm_config.json").read_text()))
+              trust_remote_code: bool = False, init_seed: int = 0, random_init: bool = False,
+              init_device: str | torch.device = "cpu") -> torch.nn.Module:
+    """`random_init`: weights drawn from the seed instead of loaded (the tiny default, and benchmarks at a real
+    model's shape from a folder that holds only config.json), built directly on `init_device`."""
+    if model_name_or_path == TINY or random_init:
+        if model_name_or_path == TINY:
+            config = AutoConfig.for_model(**json.loads((TINY_DIR / "llm_config.json").read_text()))
+        else:
+            config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
         config._attn_implementation = attn_implementation
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device("cpu" if model_name_or_path == TINY else init_device):
             torch.manual_seed(init_seed)  # the tiny base is defined by its seed: rebuilt identically on load
-            llm = AutoModelForCausalLM.from_config(config)
+            default_dtype = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float32 if model_name_or_path == TINY else dtype)
+            try:
+                llm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            finally:
+                torch.set_default_dtype(default_dtype)
         return llm.to(dtype)
     return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, attn_implementation=attn_implementation,
                                                 trust_remote_code=trust_remote_code)
@@ -76,11 +87,12 @@ def build_model(model_name_or_path: str = TINY, vision_tower: str = TINY_VISION_
                 vision_pretrained: str | None = None, mm_vision_select_layer: int = -2,
                 mm_vision_select_feature: str = "patch", mm_projector_type: str = "mlp2x_gelu",
                 dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                trust_remote_code: bool = False, tune_vision_tower: bool = False,
-                ) -> tuple[MultimodalLM, PreTrainedTokenizerBase]:
+                trust_remote_code: bool = False, tune_vision_tower: bool = False, random_init_llm: bool = False,
+                init_device: str | torch.device = "cpu") -> tuple[MultimodalLM, PreTrainedTokenizerBase]:
     """Assemble a fresh MultimodalLM (projector randomly initialised) and its tokenizer."""
     tokenizer = build_tokenizer(model_name_or_path, trust_remote_code)
-    llm = build_llm(model_name_or_path, dtype, attn_implementation, trust_remote_code)
+    llm = build_llm(model_name_or_path, dtype, attn_implementation, trust_remote_code, random_init=random_init_llm,
+                    init_device=init_device)
     vision = VisionTower(vision_tower, vision_pretrained, mm_vision_select_layer, mm_vision_select_feature,
                          trainable=tune_vision_tower).to(dtype)
     projector = build_projector(mm_projector_type, vision.hidden_size, llm.config.hidden_size).to(dtype)

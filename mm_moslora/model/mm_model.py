@@ -14,11 +14,13 @@ IMAGE_TOKEN_ID = -200  # LLaVA's sentinel; never a vocabulary id, so no embeddin
 
 
 class MultimodalLM(nn.Module):
-    """Parts: `vision` (VisionTower), `projector` (nn.Module), `llm` (a transformers causal LM)."""
+    """Parts: `vision` (VisionTower), `projector` (nn.Module), `llm` (a transformers causal LM);
+    `image_token_id` marks image positions in `input_ids` (never a vocabulary id)."""
 
-    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module):
+    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, image_token_id: int = IMAGE_TOKEN_ID):
         super().__init__()
         self.vision, self.projector, self.llm = vision, projector, llm
+        self.image_token_id = image_token_id
 
     @property
     def num_image_tokens(self) -> int:
@@ -31,13 +33,19 @@ class MultimodalLM(nn.Module):
         return self.projector(feats.to(proj_dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, T) with IMAGE_TOKEN_ID at image positions -> inputs_embeds (B, T, llm_hidden)."""
-        image_mask = input_ids == IMAGE_TOKEN_ID
-        embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
+        """input_ids: (B, T) with image_token_id at image positions; pixel_values: (n_images, 3, H, W),
+        the images in reading order of their positions -> inputs_embeds (B, T, llm_hidden).
+
+        Raises ValueError when the image positions and the image features differ in number.
+        """
+        image_mask = input_ids == self.image_token_id
+        # The sentinel is no vocabulary id: look up any valid id there, it is overwritten below.
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         n_positions = int(image_mask.sum())
         if pixel_values is None or pixel_values.shape[0] == 0:
             if n_positions:
-                raise ValueError(f"input has {n_positions} image-token positions but no images were given")
+                raise ValueError(f"image tokens and image features do not match: {n_positions} image-token positions "
+                                 f"in the text vs 0 images x {self.num_image_tokens} features = 0")
             if self.training and any(p.requires_grad for p in self.projector.parameters()):
                 # Text-only batch: still run the image path so every rank takes part in the same
                 # ZeRO-3 gathers and gradient reductions (otherwise multi-GPU training hangs).

@@ -6,7 +6,6 @@ where entry 0 is the embedding output and entry i the output of block i, so -1 i
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -31,20 +30,15 @@ def _resolve_model_name(name_or_path: str) -> tuple[str, str | None]:
     """Map a user's `--vision_tower` to (open_clip model name, pretrained tag or file).
 
     Accepts an open_clip architecture name, "NAME:PRETRAINED" (a tag such as openai or a local file),
-    "hf-hub:org/repo", or a local folder holding open_clip_config.json (+ weights).
+    "hf-hub:org/repo", or a local folder holding open_clip_config.json (+ weights), the layout of
+    open_clip's Hugging Face repos. A folder goes through open_clip's own "local-dir:" schema, which
+    also reads the folder's preprocess_cfg (mean/std differ between model families).
     """
     if os.path.isdir(name_or_path):
-        cfg_file = Path(name_or_path) / "open_clip_config.json"
-        if not cfg_file.exists():
+        if not (Path(name_or_path) / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"--vision_tower {name_or_path}: folder has no open_clip_config.json")
-        cfg = json.loads(cfg_file.read_text())
-        model_cfg = cfg.get("model_cfg", cfg)
-        arch = f"local-{Path(name_or_path).resolve().name}"
-        open_clip.factory._MODEL_CONFIGS[arch] = model_cfg  # open_clip has no public API for a config dict
-        weights = next((str(p) for p in (Path(name_or_path) / f for f in
-                        ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")) if p.exists()), None)
-        return arch, weights
-    if ":" in name_or_path and not name_or_path.startswith("hf-hub:"):
+        return f"local-dir:{name_or_path}", None
+    if ":" in name_or_path and not name_or_path.startswith(("hf-hub:", "local-dir:")):
         arch, pretrained = name_or_path.split(":", 1)
         return arch, pretrained
     return name_or_path, None
@@ -66,12 +60,16 @@ class VisionTower(nn.Module):
         register_tiny_config()
         arch, tag = _resolve_model_name(name_or_path)
         pretrained = pretrained or tag
-        if arch not in open_clip.list_models() and not arch.startswith("hf-hub:"):
+        has_schema = arch.startswith(("hf-hub:", "local-dir:"))
+        if not has_schema and arch not in open_clip.list_models():
             raise ValueError(f"unknown open_clip architecture {arch!r} (from --vision_tower {name_or_path!r}); "
                              f"see open_clip.list_models()")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)  # random towers (tiny default, tests) must rebuild identically
-            clip = open_clip.create_model(arch, pretrained=pretrained)
+            # open_clip ignores `pretrained` for schema names: a folder or hub repo brings its own weights.
+            clip = open_clip.create_model(arch, pretrained=None if has_schema else pretrained)
+        if has_schema and pretrained:  # explicit weights file on top of a folder/hub config
+            open_clip.load_checkpoint(clip, pretrained)
         self.name_or_path, self.pretrained = name_or_path, pretrained
         self.visual = clip.visual
         pre = open_clip.get_model_preprocess_cfg(clip)
@@ -80,11 +78,17 @@ class VisionTower(nn.Module):
         self.image_size = size if isinstance(size, int) else size[0]
         del clip  # the text tower is not needed
 
-        n_blocks = len(self.visual.transformer.resblocks) if hasattr(self.visual, "transformer") else None
-        if select_layer == 0 or (n_blocks is not None and not -n_blocks <= select_layer <= n_blocks):
+        if not hasattr(self.visual, "transformer") or not hasattr(self.visual, "forward_intermediates"):
+            raise ValueError(f"--vision_tower {name_or_path!r}: only open_clip ViT towers are supported "
+                             f"(got {type(self.visual).__name__})")
+        n_blocks = len(self.visual.transformer.resblocks)
+        if select_layer == 0 or not -n_blocks <= select_layer <= n_blocks:
             raise ValueError(f"--mm_vision_select_layer {select_layer} out of range for a {n_blocks}-block tower "
                              f"(use -1..-{n_blocks} or 1..{n_blocks})")
         self.block_index = (n_blocks + select_layer) if select_layer < 0 else select_layer - 1
+        # Blocks after the selected one, the final norm and the projection head are never used: drop
+        # them (less memory, and no parameters without gradients when the tower is tuned).
+        self.visual.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
         self.select_layer, self.select_feature = select_layer, select_feature
         self.hidden_size = self.visual.transformer.width
         grid = self.visual.grid_size
@@ -108,7 +112,7 @@ class VisionTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             out = self.visual.forward_intermediates(
-                pixels.to(self.dtype), indices=[self.block_index], intermediates_only=True,
+                pixels.to(self.dtype), indices=[self.block_index], stop_early=True, intermediates_only=True,
                 output_fmt="NLC", output_extra_tokens=self.select_feature == "cls_patch")
             feats = out["image_intermediates"][0]
             if self.select_feature == "cls_patch":

@@ -44,6 +44,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     flag("--freeze_mm_mlp_adapter", False, "keep the projector frozen")
     flag("--unfreeze_mm_vision_tower", False, "also train the vision tower")
     flag("--trust_remote_code", False)
+    flag("--random_init_llm", False, "build the LM from MODEL_NAME_OR_PATH's config.json with random weights "
+                                     "(benchmarks and smoke tests at a real model's shape, no weights needed)")
     a = p.add_argument_group("adapter (stage 2)")
     a.add_argument("--adapter", default="moslora", choices=["moslora", "lora"])
     a.add_argument("--lora_r", type=int, default=64 if stage == "finetune" else 0)

@@ -28,7 +28,7 @@ from ..model.projector import load_projector_state
 from .args import DEFAULT_DEMO_DIR
 from .checkpoint import (latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
                          save_training_checkpoint)
-from .ds_config import load_deepspeed_config
+from .engine import build_engine, train_micro_step
 
 log = logging.getLogger("mm_moslora.train")
 
@@ -65,19 +65,6 @@ def default_data(args: argparse.Namespace, rank: int) -> None:
     args.data_path = f"{DEFAULT_DEMO_DIR}/{'pretrain' if args.stage == 'pretrain' else 'finetune'}.json"
     args.image_folder = args.image_folder or f"{DEFAULT_DEMO_DIR}/images"
     log.info("no --data_path: training on the built-in demo data %s", args.data_path)
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-    return factor
 
 
 def load_stage1_projector(model, path: str) -> None:
@@ -123,7 +110,8 @@ def train(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model, tokenizer = build_model(args.model_name_or_path, args.vision_tower, None, args.mm_vision_select_layer,
                                    args.mm_vision_select_feature, args.mm_projector_type, dtype,
-                                   args.attn_implementation, args.trust_remote_code, args.unfreeze_mm_vision_tower)
+                                   args.attn_implementation, args.trust_remote_code, args.unfreeze_mm_vision_tower,
+                                   random_init_llm=args.random_init_llm, init_device=device)
     llm_fingerprint = weights_fingerprint(model.llm)
     model.llm.requires_grad_(False)
     if args.pretrain_mm_mlp_adapter:
@@ -168,21 +156,12 @@ def train(args: argparse.Namespace) -> dict:
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
 
     # Engine: our AdamW (fused on GPU) with a separate projector learning rate; DeepSpeed does ZeRO.
-    adapter_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
-    projector_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")]
-    groups = [{"params": adapter_params, "lr": args.learning_rate, "weight_decay": args.weight_decay}]
-    if projector_params:
-        groups.append({"params": projector_params, "lr": args.mm_projector_lr or args.learning_rate, "weight_decay": 0.0})
-    groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps), total_steps))
-    ds_config = load_deepspeed_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
-                                      grad_accum=args.gradient_accumulation_steps, world_size=world_size,
-                                      bf16=args.bf16, fp16=args.fp16, max_grad_norm=args.max_grad_norm,
-                                      hidden_size=model.llm.config.hidden_size)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config)
+    engine, optimizer, scheduler = build_engine(
+        model, deepspeed_config=args.deepspeed, learning_rate=args.learning_rate, mm_projector_lr=args.mm_projector_lr,
+        weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio,
+        total_steps=total_steps, micro_batch=args.per_device_train_batch_size,
+        grad_accum=args.gradient_accumulation_steps, world_size=world_size, bf16=args.bf16, fp16=args.fp16,
+        max_grad_norm=args.max_grad_norm, device=device)
     zero3 = engine.zero_optimization_stage() == 3
 
     mm_config = mm_config_for(model, args.model_name_or_path, args.mm_projector_type,
@@ -231,29 +210,17 @@ def train(args: argparse.Namespace) -> dict:
             collate_fn=lambda s: collate(s, tokenizer.pad_token_id), num_workers=args.dataloader_num_workers)
         for batch in loader:
             state["skipped_images"] += batch["n_skipped"]
-            if "input_ids" in batch:
-                inputs = {k: v.to(device) if v is not None else None for k, v in batch.items()
-                          if k in ("input_ids", "attention_mask", "labels", "pixel_values")}
-                loss = engine(**inputs).loss
-                n_samples = batch["input_ids"].shape[0]
-                state["tokens"] += int(batch["attention_mask"].sum())
-            else:
-                # Every image in this micro-batch failed to decode: keep the collectives in step with a
-                # zero-loss pass over a 1-token dummy input.
-                dummy = torch.full((1, 1), tokenizer.pad_token_id, device=device)
-                loss = engine(input_ids=dummy, labels=torch.full_like(dummy, -100)).logits.sum() * 0.0
-                n_samples = 0
-            engine.backward(loss)
-            engine.step()
+            loss, n_samples, n_tokens = train_micro_step(engine, batch, device, tokenizer.pad_token_id)
+            state["tokens"] += n_tokens
             state["micro_step"] += 1
             state["samples"] += n_samples * world_size
             samples_window += n_samples * world_size
-            loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1  # a tensor: no device sync per micro-step
             if state["micro_step"] % args.gradient_accumulation_steps:
                 continue
             state["global_step"] += 1
             step = state["global_step"]
-            last_loss = loss_sum / loss_count
+            last_loss = float(loss_sum) / loss_count
             lr = scheduler.get_last_lr()[0]
             if step % args.logging_steps == 0 or step == total_steps:
                 rate = samples_window / max(1e-9, time.time() - t_window)

@@ -1,0 +1,124 @@
+"""Training-speed benchmark (not a test): our real training step at LLaVA-1.5-7B's shape with random weights.
+
+    python scripts/benchmark_train.py --adapter moslora --lora_r 128 --batch 16 --text-tokens 448 --gradient_checkpointing
+    deepspeed --num_gpus 2 scripts/benchmark_train.py --deepspeed deepspeed_configs/zero2.json ...
+
+Builds the stack (LLaMA-2-7B-shaped LM, open_clip ViT-L-14-336, mlp2x_gelu), injects the adapter, wraps it in the
+same DeepSpeed engine and runs the same micro-step as scripts/finetune.py (mm_moslora.train.engine), on a fixed
+synthetic batch of 1 + 576 image + TEXT tokens per sample. Prints one JSON line: median step seconds, tokens/s
+(per GPU), model TFLOP/s (6N per token with checkpointing, 4N without, plus the vision forward, as
+shared/bench/peer_llava_peft.py counts), peak GiB. Compare with the peer only within one device call.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from mm_moslora.adapters import AdapterConfig, inject_adapters  # noqa: E402
+from mm_moslora.model.build import TINY_DIR, build_model  # noqa: E402
+from mm_moslora.model.mm_model import IMAGE_TOKEN_ID  # noqa: E402
+from mm_moslora.train.engine import build_engine, train_micro_step  # noqa: E402
+from mm_moslora.train.recipe import init_distributed  # noqa: E402
+
+LLM_PRESETS = {
+    "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-tiny": dict(model_type="llama", vocab_size=32000, hidden_size=256, intermediate_size=688,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=4096, tie_word_embeddings=False),
+}
+
+
+def config_only_model_dir(preset: str) -> str:
+    """A folder with a config.json (and the tiny tokenizer) that build_model can random-initialise."""
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-{preset}-"))
+    (folder / "config.json").write_text(json.dumps({**LLM_PRESETS[preset], "architectures": ["LlamaForCausalLM"]}))
+    for f in TINY_DIR.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    return str(folder)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llm", default="llama2-7b", choices=sorted(LLM_PRESETS))
+    ap.add_argument("--vision_tower", default="ViT-L-14-336")
+    ap.add_argument("--mm_projector_type", default="mlp2x_gelu")
+    ap.add_argument("--adapter", default="moslora", choices=["moslora", "lora", "none"])
+    ap.add_argument("--lora_r", type=int, default=128)
+    ap.add_argument("--lora_alpha", type=float, default=256)
+    ap.add_argument("--lora_dropout", type=float, default=0.05)
+    ap.add_argument("--batch", type=int, default=16, help="per-GPU micro-batch")
+    ap.add_argument("--text-tokens", type=int, default=448)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--deepspeed", default=str(Path(__file__).resolve().parent.parent / "deepspeed_configs" / "zero2.json"))
+    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    rank, world_size, device = init_distributed()
+    bf16 = args.dtype == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model, tokenizer = build_model(config_only_model_dir(args.llm), args.vision_tower, None, -2, "patch",
+                                   args.mm_projector_type, dtype, "sdpa", random_init_llm=True, init_device=device)
+    model.llm.requires_grad_(False)
+    n_llm = sum(p.numel() for p in model.llm.parameters())
+    n_vis = sum(p.numel() for p in model.vision.parameters())
+    if args.adapter != "none":
+        torch.manual_seed(0)
+        inject_adapters(model.llm, AdapterConfig(adapter=args.adapter, r=args.lora_r, alpha=args.lora_alpha,
+                                                 dropout=args.lora_dropout), dtype=dtype)
+    if args.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine, _, _ = build_engine(model, deepspeed_config=args.deepspeed, learning_rate=1e-5, total_steps=1000,
+                                micro_batch=args.batch, world_size=world_size, bf16=bf16, device=device)
+    engine.train()
+
+    n_img = model.num_image_tokens
+    seq = 1 + n_img + args.text_tokens
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(100, 700, (args.batch, seq), generator=gen)
+    ids[:, 0] = tokenizer.bos_token_id
+    ids[:, 1:1 + n_img] = IMAGE_TOKEN_ID
+    labels = ids.clone()
+    labels[:, :1 + n_img] = -100
+    size = model.vision.image_size
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+             "pixel_values": torch.randn(args.batch, 3, size, size, generator=gen)}
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        loss, _, _ = train_micro_step(engine, batch, device, tokenizer.pad_token_id)
+        sync()
+        times.append(time.perf_counter() - start)
+    steady = sorted(times[args.warmup:])
+    step_s = steady[len(steady) // 2]
+    flops = (6 if args.gradient_checkpointing else 4) * n_llm * args.batch * seq + 2 * n_vis * args.batch * n_img
+    result = {"adapter": args.adapter, "r": args.lora_r, "gc": args.gradient_checkpointing, "batch": args.batch,
+              "seq": seq, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
+              "step_s": round(step_s, 4), "tok_s_per_gpu": round(args.batch * seq / step_s),
+              "samples_s_per_gpu": round(args.batch / step_s, 2), "tflops_per_gpu": round(flops / step_s / 1e12, 1),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
+              "trainable_m": round(trainable / 1e6, 1), "loss": round(float(loss), 4)}
+    if rank == 0:
+        print("BENCH " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
