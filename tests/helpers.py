@@ -5,12 +5,37 @@ Everything is built from fixed seeds, so two calls with the same arguments write
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from mm_moslora.model.build import build_model, mm_config_for, save_mm_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TEST_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # tiny ops: threads only add sync overhead
+
+
+@contextmanager
+def single_thread():
+    """Run torch on one thread (for in-process tests of the tiny model; restores the old setting)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for running the project's CLIs: the repo root importable, one thread."""
+    env = {**os.environ, **TEST_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
 
 IMAGE_COLOURS = ((220, 40, 40), (30, 160, 60), (40, 70, 210), (230, 200, 30), (120, 40, 160), (20, 20, 20))
 
@@ -23,7 +48,12 @@ def make_tiny_checkpoint(directory: str | Path, adapter: bool = True, conv_mode:
     scale (image features then steer the LM) and, with `adapter`, a MoSLoRA adapter (r=8) with non-zero
     B is saved, so loading, merging and generation all depend on the saved adapter weights.
     """
-    directory = Path(directory)
+    with torch.random.fork_rng(devices=[]):  # adapter init draws from the global generator
+        torch.manual_seed(seed)
+        return _write_tiny_checkpoint(Path(directory), adapter, conv_mode, seed, adapter_kind)
+
+
+def _write_tiny_checkpoint(directory: Path, adapter: bool, conv_mode: str, seed: int, adapter_kind: str) -> Path:
     model, tokenizer = build_model("tiny", mm_projector_type="mlp2x_gelu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

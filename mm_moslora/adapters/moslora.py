@@ -159,13 +159,12 @@ class MoSLoRALinear(nn.Module):
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
         h = x.to(self.lora_A.dtype)
         if torch.is_grad_enabled():
-            h = LowRankBranch.apply(h, self.lora_A, self.lora_M, self.lora_B, self.scaling, p)
-        else:
-            h = F.dropout(h, p, True) if p > 0 else h
-            h = F.linear(h, self.lora_A)                   # (..., r)
-            if self.lora_M is not None:
-                h = F.linear(h, self.lora_M)               # (..., r): h @ Mᵀ = M applied to each A x
-            h = F.linear(h * self.scaling, self.lora_B)    # scale the r-wide tensor, cheaper than the d_out-wide one
+            return LowRankBranch.apply(y, h, self.lora_A, self.lora_M, self.lora_B, self.scaling, p)
+        h = F.dropout(h, p, True) if p > 0 else h
+        h = F.linear(h, self.lora_A)                   # (..., r)
+        if self.lora_M is not None:
+            h = F.linear(h, self.lora_M)               # (..., r): h @ Mᵀ = M applied to each A x
+        h = F.linear(h * self.scaling, self.lora_B)    # scale the r-wide tensor, cheaper than the d_out-wide one
         # Back to the base output's dtype (x's dtype, except under autocast where both follow the autocast dtype).
         return y + h.to(y.dtype)
 
@@ -216,42 +215,50 @@ def _replay_dropout(t: torch.Tensor, p: float, state) -> torch.Tensor:
 
 
 class LowRankBranch(torch.autograd.Function):
-    """s·B·M·A·dropout(x) for training, lean on activation memory.
+    """y + s·B·M·A·dropout(x) for training, lean on time and activation memory.
 
-    Saved for backward: x itself (the same tensor the frozen base layer and the sibling projections of
-    q/k/v or gate/up receive, so it costs nothing extra), the two r-wide intermediates A·x and M·A·x, and an
-    RNG state. The dropout mask is regenerated from that state in backward instead of storing a masked copy
-    of x per module, which is what makes LoRA fine-tuning run out of memory without activation checkpointing.
-    Shapes: x (..., d_in), A (r, d_in), M (r, r) or None (plain LoRA), B (d_out, r) -> (..., d_out).
+    - The mixer is folded into A once per call (A' = M·A: r·r·d_in FLOPs, against N·r·r per token when applied
+      to activations), so MoSLoRA costs per token what LoRA does; gradients of A and M follow from A'
+      (dA = Mᵀ·dA', dM = dA'·Aᵀ).
+    - The base output y is added in the epilogue of the last matmul (addmm) instead of a separate add.
+    - Saved for backward: x itself (the same tensor the frozen base layer and the sibling projections of
+      q/k/v or gate/up receive, so it costs nothing extra), the r-wide A'·x, and an RNG state: the dropout
+      mask is regenerated in backward instead of storing a masked copy of x per module, which is what makes
+      LoRA fine-tuning run out of memory without activation checkpointing.
+    Shapes: y (..., d_out), x (..., d_in), A (r, d_in), M (r, r) or None (plain LoRA), B (d_out, r) -> (..., d_out).
     """
 
     @staticmethod
-    def forward(ctx, x, A, M, B, scaling: float, p: float):
+    def forward(ctx, y, x, A, M, B, scaling: float, p: float):
         state = _rng_state(x.device) if p > 0 else None
         h = F.dropout(x, p, True) if p > 0 else x
-        u = F.linear(h, A)
-        v = F.linear(u, M) if M is not None else u
-        out = F.linear(v * scaling, B)
-        ctx.save_for_backward(x, A, M, B, u, v)
-        ctx.scaling, ctx.p, ctx.rng = scaling, p, state
-        return out
+        A_eff = M @ A if M is not None else A
+        u = h.reshape(-1, h.shape[-1]) @ A_eff.t()                         # (N, r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(B.dtype), u, B.t(), alpha=scaling)
+        ctx.save_for_backward(x, A, M, B, u)
+        ctx.scaling, ctx.p, ctx.rng, ctx.y_dtype = scaling, p, state, y.dtype
+        return out.reshape(*y.shape[:-1], B.shape[0]).to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, A, M, B, u, v = ctx.saved_tensors
+        x, A, M, B, u = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(B.dtype)
-        u2, v2 = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
-        grad_B = (g.t() @ v2) * s if ctx.needs_input_grad[3] else None
-        gv = (g @ B) * s                                        # (N, r)
-        grad_M = gv.t() @ u2 if M is not None and ctx.needs_input_grad[2] else None
-        gu = gv @ M if M is not None else gv                    # (N, r)
-        grad_A = grad_x = None
-        if ctx.needs_input_grad[1]:
+        grad_B = (g.t() @ u) * s if ctx.needs_input_grad[4] else None
+        gu = (g @ B) * s                                                   # (N, r)
+        A_eff = M @ A if M is not None else A
+        grad_A = grad_M = grad_x = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             h = _replay_dropout(x, p, ctx.rng) if p > 0 else x
-            grad_A = gu.t() @ h.reshape(-1, h.shape[-1])
-        if ctx.needs_input_grad[0]:
-            grad_x = (gu @ A).reshape(*x.shape[:-1], A.shape[1])
+            grad_A_eff = gu.t() @ h.reshape(-1, h.shape[-1])               # (r, d_in)
+            if M is None:
+                grad_A = grad_A_eff
+            else:
+                grad_A = M.t() @ grad_A_eff if ctx.needs_input_grad[2] else None
+                grad_M = grad_A_eff @ A.t() if ctx.needs_input_grad[3] else None
+        if ctx.needs_input_grad[1]:
+            grad_x = (gu @ A_eff).reshape(*x.shape[:-1], A.shape[1])
             if p > 0:
                 grad_x = _replay_dropout(grad_x, p, ctx.rng)
-        return grad_x, grad_A, grad_M, grad_B, None, None
+        grad_y = grad_out if ctx.needs_input_grad[0] else None
+        return grad_y, grad_x, grad_A, grad_M, grad_B, None, None

@@ -116,10 +116,9 @@ def _reply_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase, text:
                 cursor = pos
                 continue
             end = start + len(content)
-        if is_reply:
-            if end_marker and text.startswith(end_marker, end):
-                end += len(end_marker)
-            spans.append((start, end))
+        if is_reply:  # the marker is supervised, yet belongs to the next gap of the skeleton
+            marker = len(end_marker) if end_marker and text.startswith(end_marker, end) else 0
+            spans.append((start, end + marker))
         cursor = end
     return spans
 

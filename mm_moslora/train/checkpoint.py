@@ -35,13 +35,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def step_folders(checkpoints_dir: Path) -> list[Path]:
+    """The complete checkpoints (`step-K` folders), oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    steps = [p for p in checkpoints_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[5:]))
+
+
 def latest_checkpoint(checkpoints_dir: Path) -> str | None:
-    """Tag of the newest complete checkpoint, or None."""
+    """Tag of the newest complete checkpoint, or None.
+
+    `latest` names it. A step folder only ever appears complete (it is renamed from its temporary
+    name), so when `latest` is missing or names a folder that is gone (a crash between the rename
+    and the write of `latest`, or while an equal step was replaced), the newest step folder is used.
+    """
     latest = checkpoints_dir / LATEST
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (checkpoints_dir / tag).is_dir() else None
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if tag and (checkpoints_dir / tag).is_dir():
+            return tag
+    steps = step_folders(checkpoints_dir)
+    return steps[-1].name if steps else None
 
 
 def remove_partial_checkpoints(checkpoints_dir: Path) -> None:
@@ -49,6 +64,14 @@ def remove_partial_checkpoints(checkpoints_dir: Path) -> None:
     if checkpoints_dir.is_dir():
         for path in checkpoints_dir.glob(TMP_PREFIX + "*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder` to disk, so the rename that publishes it never outruns its content."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -72,13 +95,15 @@ def save_training_checkpoint(engine, checkpoints_dir: Path, step: int, client_st
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        _fsync_tree(checkpoints_dir / tmp_tag)
         final = checkpoints_dir / tag
-        if final.exists():
+        if final.exists():  # the same step saved again (a rerun): latest_checkpoint falls back meanwhile
             shutil.rmtree(final)
         os.replace(checkpoints_dir / tmp_tag, final)
         _write_atomically(checkpoints_dir / LATEST, tag)
-        steps = sorted((p for p in checkpoints_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name[5:]))
-        for old in steps[:-save_total_limit] if save_total_limit > 0 else []:
+        # Prune the oldest, never the one just written (a stale newer folder of an earlier run may exist).
+        others = [p for p in step_folders(checkpoints_dir) if p.name != tag]
+        for old in others[:max(0, len(others) - (save_total_limit - 1))] if save_total_limit > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()

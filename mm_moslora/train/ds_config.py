@@ -10,7 +10,12 @@ class ConfigError(ValueError):
 
 
 def load_deepspeed_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size: int, bf16: bool,
-                          fp16: bool, max_grad_norm: float, hidden_size: int) -> dict:
+                          fp16: bool, max_grad_norm: float, hidden_size: int | None) -> dict:
+    """The config as a dict with every "auto" filled; raises ConfigError naming the file and the key.
+
+    hidden_size: the LM's, for the ZeRO bucket sizes. None checks everything else and leaves those
+    "auto" values in place, so a run can reject a bad file before it spends minutes loading the model.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--deepspeed {path}: no such file")
@@ -46,13 +51,14 @@ def load_deepspeed_config(path: str | Path, *, micro_batch: int, grad_accum: int
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"--deepspeed {path}: key 'zero_optimization.stage' must be 0-3, got {stage!r}")
-    sizes = {"reduce_bucket_size": hidden_size * hidden_size,
-             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-             "stage3_param_persistence_threshold": 10 * hidden_size}  # the values HF's integration derives
-    for key, value in sizes.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
-    leftover = [k for k, v in _walk(cfg) if v == "auto"]
+    sizes = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+             "stage3_param_persistence_threshold": lambda h: 10 * h}  # the values HF's integration derives
+    if hidden_size is not None:
+        for key, size in sizes.items():
+            if zero.get(key) == "auto":
+                zero[key] = size(hidden_size)
+    unfilled_sizes = {f"zero_optimization.{key}" for key in sizes} if hidden_size is None else set()
+    leftover = [k for k, v in _walk(cfg) if v == "auto" and k not in unfilled_sizes]
     if leftover:
         raise ConfigError(f"--deepspeed {path}: no flag fills the \"auto\" value of key(s) {leftover}")
     if "optimizer" in cfg or "scheduler" in cfg:

@@ -247,6 +247,9 @@ def train(args: argparse.Namespace) -> dict:
     summary = {"stage": args.stage, "steps": state["global_step"], "samples": state["samples"],
                "final_loss": round(last_loss, 6), "train_seconds": round(elapsed, 1),
                "samples_per_second": round(state["samples"] / max(elapsed, 1e-9), 2),
+               "tokens_per_second_per_device": round(state["tokens"] / max(elapsed, 1e-9)),
+               "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
+               "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                "skipped_images": state["skipped_images"], "dropped_records": len(report.bad_indices),
                "output_dir": str(out_dir)}
     if rank == 0:

@@ -1,0 +1,560 @@
+"""Turn a training output into deployable forms: merged weights, a stock PEFT adapter, or a transformers LLaVA.
+
+    python scripts/merge.py --checkpoint outputs/finetune-tiny --output outputs/merged-tiny
+    python scripts/merge.py --checkpoint CKPT --output OUT --export peft
+    python scripts/merge.py --checkpoint CKPT --output OUT --export hf-llava --dtype bf16 --overwrite
+
+Formats, written into OUT (layouts of docs/architecture.md):
+- `merged` (default): s·B·M·A added into every adapted base weight, in fp32, then cast once to the output dtype.
+  OUT/mm_config.json ("merged": true), OUT/llm/ (save_pretrained of the merged LM, safetensors), OUT/tokenizer/,
+  OUT/mm_projector.safetensors, OUT/vision_tower.safetensors when the tower was tuned. `load_checkpoint(OUT)`,
+  chat and evaluation read it like any checkpoint.
+- `peft`: OUT/llm_adapter/ is a standard PEFT LoRA folder (M folded into A: A' = M·A), so
+  `PeftModel.from_pretrained(base_lm, "OUT/llm_adapter")` reproduces the adapted LM with no mm_moslora code. The
+  projector, tokenizer and mm_config.json sit beside it, with our own adapter files too, so `load_checkpoint(OUT)`
+  still rebuilds the full model.
+- `hf-llava`: a `transformers.LlavaForConditionalGeneration` checkpoint plus its `LlavaProcessor` (adapters merged
+  first), usable with `LlavaForConditionalGeneration.from_pretrained(OUT)` and `AutoProcessor.from_pretrained(OUT)`:
+
+      processor = AutoProcessor.from_pretrained(OUT); model = LlavaForConditionalGeneration.from_pretrained(OUT)
+      prompt = processor.apply_chat_template(
+          [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is red?"}]}],
+          add_generation_prompt=True)
+      inputs = processor(images=image, text=prompt, add_special_tokens=False, return_tensors="pt")
+      answer = processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs["input_ids"].shape[1]:],
+                                skip_special_tokens=True)
+
+  Requirements, each checked with an error that names what does not map: an open_clip `VisionTransformer` with
+  standard pre-norm blocks (class token, ln_pre, LayerNorm, GELU / QuickGELU, no layer scale, no custom attention),
+  converted to `CLIPVisionModel`; an `mlp2x_gelu` projector (HF Llava's projector is exactly Linear-GELU-Linear).
+  The exported tower stops at the selected block, as ours does (later blocks are never used), so
+  `vision_feature_layer` points at that block of the truncated tower (-1 for a negative select_layer).
+  Preprocessing: `CLIPImageProcessor` cannot pad to a square, so for `image_aspect_ratio="pad"` (our default) it
+  squashes non-square images instead; feed square images (or pad them with
+  `mm_moslora.data.images.pad_to_square`, fill = the mean colour) to get our model's exact inputs.
+
+Every export reads only the checkpoint's inference files (mm_config.json, tokenizer/, projector, adapter and tower
+files). Training writes those already gathered, so checkpoints trained under ZeRO-3 (or in bf16) convert like any
+other, and the DeepSpeed state under checkpoints/ is never read (`--checkpoint OUT/checkpoints/step-K` works too).
+
+OUT is written into a fresh folder beside it and renamed into place at the end: an interrupted export leaves no
+OUT and no partial folder. An existing OUT is replaced only with `overwrite=True` (--overwrite).
+
+Memory: the checkpoint is loaded in fp32 (exact merging, one rounding to the output dtype), so a 7B LM needs ~28 GB
+of CPU memory.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import chain
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from .adapters.inject import unload_adapters
+from .adapters.io import ADAPTER_CONFIG_NAME, adapter_state_dict, export_peft, read_adapter_config, save_adapter
+from .adapters.moslora import AdapterConfig
+from .data.conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM
+from .model.build import MM_CONFIG, PROJECTOR_FILE, TINY, load_checkpoint, parse_dtype, read_mm_config
+from .model.mm_model import MultimodalLM
+from .model.vision import VisionTower
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("merged", "peft", "hf-llava")
+LLM_DIR = "llm"
+PEFT_DIR = "llm_adapter"
+TOKENIZER_DIR = "tokenizer"
+VISION_FILE = "vision_tower.safetensors"
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be expressed in the requested format; the message says what does not map."""
+
+
+class OutputPathError(ValueError):
+    """OUT exists (and overwrite was not asked for), or OUT would replace the checkpoint being read."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, export: str = "merged",
+                      dtype: str | torch.dtype | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert the training output `checkpoint_dir` into `export` format at `output_dir`; returns `output_dir`.
+
+    dtype: dtype of the written weights (fp32 | bf16 | fp16); None keeps the base LM's stored dtype (fp32 for the
+    tiny model). PEFT adapter tensors are always fp32.
+    Raises OutputPathError (OUT exists without overwrite, or overlaps the checkpoint), ExportError (the checkpoint
+    does not map to the format), FileNotFoundError (not a checkpoint). Nothing is written when it raises.
+    """
+    if export not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {export!r}; choose one of {EXPORT_FORMATS}")
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    check_output_dir(checkpoint_dir, output_dir, overwrite)
+    mm_config = read_mm_config(checkpoint_dir)
+    out_dtype = parse_dtype(dtype) if dtype is not None else stored_llm_dtype(checkpoint_dir, mm_config)
+    has_adapter = (checkpoint_dir / ADAPTER_CONFIG_NAME).is_file()
+    if export == "peft" and not has_adapter:
+        raise ExportError(f"{checkpoint_dir} holds no MoSLoRA adapter ({ADAPTER_CONFIG_NAME}): there is nothing to "
+                          f"export as PEFT; use --export merged")
+    if export == "hf-llava" and mm_config.get("mm_projector_type") != "mlp2x_gelu":
+        raise ExportError(_projector_message(mm_config.get("mm_projector_type")))
+
+    steps = {"merged": _merged_steps, "peft": _peft_steps, "hf-llava": _hf_llava_steps}[export]
+    with tqdm(total=1 + _STEP_COUNTS[export], desc=f"export {export}", unit="step", disable=not progress) as bar:
+        bar.set_postfix_str("loading the checkpoint")
+        # fp32 whatever the output dtype: merging adds in fp32 and rounds once at the end.
+        model, tokenizer, mm_config = load_checkpoint(checkpoint_dir, dtype=torch.float32, device="cpu")
+        bar.update()
+        if export == "hf-llava":  # fail before anything is written
+            convert_open_clip_vision(model.vision)
+            llava_projector_state(model.projector, mm_config["mm_projector_type"])
+        with staging_dir(output_dir, overwrite) as staging:
+            for step in steps(model, tokenizer, mm_config, checkpoint_dir, staging, out_dtype):
+                bar.set_postfix_str(step)
+                bar.update()
+    return output_dir
+
+
+def check_output_dir(checkpoint_dir: Path, output_dir: Path, overwrite: bool) -> None:
+    """Raise OutputPathError when OUT exists (unless overwrite) or when OUT and the checkpoint overlap."""
+    source, target = checkpoint_dir.resolve(), output_dir.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise OutputPathError(f"--output {output_dir} overlaps --checkpoint {checkpoint_dir}; write the export "
+                              f"to a separate folder")
+    if os.path.lexists(output_dir) and not overwrite:
+        raise OutputPathError(f"--output {output_dir} already exists; pass --overwrite to replace it")
+
+
+def stored_llm_dtype(checkpoint_dir: Path, mm_config: dict) -> torch.dtype:
+    """The dtype the checkpoint's LM is stored in (its config's dtype); fp32 for the tiny model or when unknown."""
+    from transformers import AutoConfig
+
+    source = str(checkpoint_dir / LLM_DIR) if mm_config.get("merged") else mm_config["model_name_or_path"]
+    if source == TINY:
+        return torch.float32
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        return torch.float32
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if value in DTYPE_NAMES else torch.float32
+
+
+@contextmanager
+def staging_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh folder beside `output_dir` to write into, renamed to `output_dir` when the block completes and
+    deleted when it raises (KeyboardInterrupt included), so `output_dir` is never half-written."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = output_dir.parent / f".{output_dir.name}.tmp-{tag}"
+    staging.mkdir()
+    try:
+        yield staging
+        if os.path.lexists(output_dir):
+            if not overwrite:
+                raise OutputPathError(f"--output {output_dir} appeared while exporting; pass --overwrite to replace it")
+            backup = output_dir.parent / f".{output_dir.name}.old-{tag}"
+            os.replace(output_dir, backup)
+            try:
+                os.replace(staging, output_dir)
+            except BaseException:
+                os.replace(backup, output_dir)
+                raise
+            if backup.is_dir() and not backup.is_symlink():
+                shutil.rmtree(backup)
+            else:
+                backup.unlink()
+        else:
+            os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def merge_llm_adapters(llm: nn.Module) -> list[str]:
+    """Fold every MoSLoRA layer of `llm` into its base weight (fp32 sum, cast to the weight's dtype) and put the
+    plain nn.Linear back; returns the merged module names (empty for a model without adapters)."""
+    return unload_adapters(llm, merge=True)
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(path),
+              metadata={"format": "pt"})
+
+
+def _write_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps(values, indent=2) + "\n")
+
+
+def _write_common(model: MultimodalLM, tokenizer, checkpoint_dir: Path, out: Path, dtype: torch.dtype) -> None:
+    """tokenizer/, the projector and, when the tower was tuned, its weights (copied as trained)."""
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    _save_tensors(model.projector.state_dict(), out / PROJECTOR_FILE, dtype)
+    if (checkpoint_dir / VISION_FILE).is_file():
+        shutil.copyfile(checkpoint_dir / VISION_FILE, out / VISION_FILE)
+
+
+def _adapter_config(checkpoint_dir: Path) -> AdapterConfig | None:
+    return read_adapter_config(checkpoint_dir) if (checkpoint_dir / ADAPTER_CONFIG_NAME).is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merged
+
+_STEP_COUNTS = {"merged": 3, "peft": 2, "hf-llava": 4}
+
+
+def _merged_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
+                  dtype: torch.dtype) -> Iterator[str]:
+    adapter_config = _adapter_config(checkpoint_dir)
+    merge_llm_adapters(model.llm)
+    model.llm.to(dtype)
+    yield "merged the adapters"
+    model.llm.save_pretrained(out / LLM_DIR)
+    yield "wrote the LM"
+    _write_common(model, tokenizer, checkpoint_dir, out, dtype)
+    config = {k: v for k, v in mm_config.items() if k != "llm_fingerprint"}  # the merged LM is no longer that base
+    config.update(merged=True, dtype=DTYPE_NAMES[dtype])
+    if adapter_config is not None:
+        config["merged_adapter"] = adapter_config.to_dict()
+    _write_json(out / MM_CONFIG, config)
+    yield "wrote tokenizer, projector, mm_config"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peft
+
+
+def _peft_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
+                dtype: torch.dtype) -> Iterator[str]:
+    adapter_config = read_adapter_config(checkpoint_dir)
+    state = adapter_state_dict(model.llm)  # as loaded (strictly checked) by load_checkpoint, fp32
+    export_peft(out / PEFT_DIR, adapter_config, state, base_model_name_or_path=mm_config["model_name_or_path"])
+    yield "wrote the PEFT adapter"
+    # Our own adapter files too: without them load_checkpoint(OUT) would silently rebuild the bare base LM.
+    save_adapter(out, adapter_config, state)
+    _write_common(model, tokenizer, checkpoint_dir, out, dtype)
+    _write_json(out / MM_CONFIG, {**mm_config, "merged": False, "peft_adapter": PEFT_DIR})
+    yield "wrote tokenizer, projector, mm_config"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hf-llava: vision tower
+
+
+def _norm_problem(name: str, norm: nn.Module) -> str | None:
+    # open_clip's LayerNorm / LayerNormFp32 subclass nn.LayerNorm and compute the same function.
+    if not isinstance(norm, nn.LayerNorm):
+        return f"{name} is {type(norm).__name__}, not a LayerNorm (HF CLIP has LayerNorms only)"
+    if norm.weight is None or norm.bias is None:
+        return f"{name} is a LayerNorm without affine weight/bias"
+    return None
+
+
+def _activation_name(act: nn.Module) -> str | None:
+    import open_clip.transformer as oct
+
+    if type(act) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_pytorch_tanh"}.get(act.approximate)
+    if type(act) is oct.QuickGELU:
+        return "quick_gelu"
+    return None
+
+
+def _vision_problems(visual: nn.Module) -> list[str]:
+    """Why `visual` cannot become a HF CLIPVisionModel (empty when it can)."""
+    import open_clip.transformer as oct
+
+    if type(visual) is not oct.VisionTransformer:
+        return [f"it is a {type(visual).__name__} (e.g. a timm/SigLIP tower), not open_clip's VisionTransformer"]
+    problems = []
+    if visual.image_size[0] != visual.image_size[1] or visual.patch_size[0] != visual.patch_size[1]:
+        problems.append(f"non-square image {visual.image_size} or patch {visual.patch_size} size")
+    conv = visual.conv1
+    if conv.bias is not None or tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding):
+        problems.append("the patch embedding is not a bias-free conv with stride = kernel")
+    if isinstance(visual.ln_pre, nn.Identity):
+        problems.append("it has no ln_pre (no_ln_pre=True), HF CLIP always applies pre_layrnorm")
+    elif (problem := _norm_problem("ln_pre", visual.ln_pre)):
+        problems.append(problem)
+    eps = {visual.ln_pre.eps} if isinstance(visual.ln_pre, nn.LayerNorm) else set()
+    for i, block in enumerate(visual.transformer.resblocks):
+        if type(block) is not oct.ResidualAttentionBlock:
+            problems.append(f"block {i} is a {type(block).__name__} (qk-norm / cosine attention / head or MLP "
+                            f"scaling), which HF CLIP does not implement")
+            continue
+        if not isinstance(block.ls_1, nn.Identity) or not isinstance(block.ls_2, nn.Identity):
+            problems.append(f"block {i} has layer scale (ls_init_value), which HF CLIP does not implement")
+        for name in ("ln_1", "ln_2"):
+            norm = getattr(block, name)
+            if (problem := _norm_problem(f"block {i} {name}", norm)):
+                problems.append(problem)
+            else:
+                eps.add(norm.eps)
+        attn = block.attn
+        if (not attn._qkv_same_embed_dim or attn.in_proj_bias is None or attn.bias_k is not None
+                or attn.add_zero_attn or attn.out_proj.bias is None):
+            problems.append(f"block {i} attention is not a plain multi-head attention with packed, biased q/k/v")
+        if _activation_name(block.mlp.gelu) is None:
+            problems.append(f"block {i} MLP activation {block.mlp.gelu!r} has no HF CLIP equivalent "
+                            f"(gelu, gelu_pytorch_tanh, quick_gelu)")
+        if block.mlp.c_fc.bias is None or block.mlp.c_proj.bias is None:
+            problems.append(f"block {i} MLP linears lack biases")
+    if len(eps) > 1:
+        problems.append(f"its LayerNorms use different eps values {sorted(eps)}")
+    acts = {_activation_name(b.mlp.gelu) for b in visual.transformer.resblocks
+            if type(b) is oct.ResidualAttentionBlock}
+    if len(acts - {None}) > 1:
+        problems.append(f"its blocks use different activations {sorted(acts - {None})}")
+    return problems
+
+
+def convert_open_clip_vision(vision: VisionTower):
+    """open_clip ViT (already truncated at the selected block) -> (CLIPVisionConfig, CLIPVisionTransformer state).
+
+    State keys are relative to the CLIP vision transformer (`embeddings.*`, `pre_layrnorm.*`, `encoder.layers.*`,
+    `post_layernorm.*`). post_layernorm is never used by LLaVA's features; it is the final norm when the tower kept
+    one, else the identity-initialised LayerNorm. Raises ExportError naming every part that does not map.
+    """
+    from transformers import CLIPVisionConfig
+
+    visual = vision.visual
+    problems = _vision_problems(visual)
+    if problems:
+        raise ExportError(f"--export hf-llava: the vision tower {vision.name_or_path!r} cannot be converted to a "
+                          f"Hugging Face CLIPVisionModel: " + "; ".join(problems))
+    blocks = visual.transformer.resblocks
+    width = visual.transformer.width
+    config = CLIPVisionConfig(
+        hidden_size=width, intermediate_size=blocks[0].mlp.c_fc.out_features, num_hidden_layers=len(blocks),
+        num_attention_heads=blocks[0].attn.num_heads, num_channels=visual.conv1.in_channels,
+        image_size=visual.image_size[0], patch_size=visual.patch_size[0],
+        hidden_act=_activation_name(blocks[0].mlp.gelu), layer_norm_eps=visual.ln_pre.eps)
+    state = {
+        "embeddings.class_embedding": visual.class_embedding,
+        "embeddings.patch_embedding.weight": visual.conv1.weight,
+        "embeddings.position_embedding.weight": visual.positional_embedding,
+        "pre_layrnorm.weight": visual.ln_pre.weight, "pre_layrnorm.bias": visual.ln_pre.bias,
+    }
+    for i, block in enumerate(blocks):
+        prefix = f"encoder.layers.{i}."
+        for part, weight, bias in zip(("q", "k", "v"), block.attn.in_proj_weight.chunk(3),
+                                      block.attn.in_proj_bias.chunk(3)):
+            state[f"{prefix}self_attn.{part}_proj.weight"], state[f"{prefix}self_attn.{part}_proj.bias"] = weight, bias
+        pairs = {"self_attn.out_proj": block.attn.out_proj, "layer_norm1": block.ln_1, "layer_norm2": block.ln_2,
+                 "mlp.fc1": block.mlp.c_fc, "mlp.fc2": block.mlp.c_proj}
+        for hf_name, module in pairs.items():
+            state[f"{prefix}{hf_name}.weight"], state[f"{prefix}{hf_name}.bias"] = module.weight, module.bias
+    final = visual.ln_post
+    keep_final = isinstance(final, nn.LayerNorm) and final.weight is not None and final.weight.shape == (width,)
+    state["post_layernorm.weight"] = final.weight if keep_final else torch.ones(width)
+    state["post_layernorm.bias"] = final.bias if keep_final else torch.zeros(width)
+    return config, {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def build_clip_vision_model(vision: VisionTower) -> nn.Module:
+    """A transformers CLIPVisionModel holding `vision`'s weights (fp32)."""
+    from transformers import CLIPVisionModel
+
+    config, state = convert_open_clip_vision(vision)
+    model = CLIPVisionModel(config)
+    # Newer transformers put the transformer directly on CLIPVisionModel, older ones under .vision_model.
+    getattr(model, "vision_model", model).load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def llava_vision_feature_layer(vision: VisionTower) -> int:
+    """HF `vision_feature_layer` for the truncated tower: its last block, which is our selected one."""
+    return vision.select_layer if vision.select_layer > 0 else -1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hf-llava: projector, tokenizer, processor
+
+
+def _projector_message(kind) -> str:
+    return (f"--export hf-llava: the projector is {kind!r}, but transformers' LlavaMultiModalProjector is exactly "
+            f"Linear-GELU-Linear (our mlp2x_gelu); a {kind!r} projector cannot be expressed in it")
+
+
+def llava_projector_state(projector: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """Our mlp2x_gelu projector (nn.Sequential: Linear, GELU, Linear) as LlavaMultiModalProjector weights."""
+    fits = (isinstance(projector, nn.Sequential) and len(projector) == 3 and type(projector[1]) is nn.GELU
+            and projector[1].approximate == "none"
+            and all(isinstance(projector[i], nn.Linear) and projector[i].bias is not None for i in (0, 2)))
+    if not fits:
+        raise ExportError(_projector_message(kind))
+    return {"linear_1.weight": projector[0].weight, "linear_1.bias": projector[0].bias,
+            "linear_2.weight": projector[2].weight, "linear_2.bias": projector[2].bias}
+
+
+# Renders a message's content: a string as is (with inline "<image>"), or HF's list of {"type": "image"} /
+# {"type": "text", "text"} items, an image becoming "<image>\n" (LLaVA puts the image before the question).
+_CONTENT_MACRO = ("{%- macro content(message) -%}{%- if message['content'] is string -%}{{ message['content'] }}"
+                  "{%- else -%}{%- for item in message['content'] -%}{%- if item['type'] == 'image' -%}"
+                  "{{ '" + IMAGE_PLACEHOLDER + "\\n' }}{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
+                  "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
+
+# The same text as data.conversation.render's vicuna_v1 and plain templates.
+VICUNA_V1_CHAT_TEMPLATE = (
+    _CONTENT_MACRO
+    + "{%- set ns = namespace(system=" + json.dumps(VICUNA_SYSTEM) + ", found=false) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'system' and not ns.found -%}"
+    "{%- set ns.system = content(m) -%}{%- set ns.found = true -%}{%- endif -%}{%- endfor -%}"
+    "{{ bos_token }}{{ ns.system }}{{ ' ' }}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ 'USER: ' }}{{ content(m) }}{{ ' ASSISTANT:' }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ ' ' }}{{ content(m) }}{{ eos_token }}{%- endif -%}{%- endfor -%}")
+PLAIN_CHAT_TEMPLATE = (
+    _CONTENT_MACRO
+    + "{{ bos_token }}{%- if '" + IMAGE_PLACEHOLDER + "' in content(messages[0]) -%}{{ '" + IMAGE_PLACEHOLDER
+    + "' }}{%- endif -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}{{ content(m) }}{{ '\\n' }}{%- endif -%}"
+    "{%- endfor -%}")
+
+
+def llava_chat_template(conv_mode: str, tokenizer) -> str:
+    """A Jinja chat template producing the text our `conv_mode` template renders."""
+    if conv_mode == "vicuna_v1":
+        return VICUNA_V1_CHAT_TEMPLATE
+    if conv_mode == "plain":
+        return PLAIN_CHAT_TEMPLATE
+    if conv_mode == "chat_template":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ExportError("conv_mode chat_template, but the tokenizer has no chat template")
+        return tokenizer.chat_template  # string contents with inline "<image>", as our tools pass them
+    raise ExportError(f"unknown conv_mode {conv_mode!r} in mm_config.json")
+
+
+def clip_image_processor(vision: VisionTower, image_aspect_ratio: str):
+    """A CLIPImageProcessor with the tower's size, mean and std, resizing like our ImageProcessor's mode.
+
+    `square`: shortest side to S then centre crop (exact match). `resize`: squash to S×S (exact match). `pad`:
+    squashes too, as HF cannot pad to a square: identical for square images only.
+    """
+    from transformers import CLIPImageProcessor
+
+    size = vision.image_size
+    if image_aspect_ratio == "square":
+        geometry = dict(size={"shortest_edge": size}, do_center_crop=True)
+    else:
+        geometry = dict(size={"height": size, "width": size}, do_center_crop=False)
+    return CLIPImageProcessor(do_resize=True, resample=3, crop_size={"height": size, "width": size},  # 3 = bicubic
+                              do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                              image_mean=list(vision.image_mean), image_std=list(vision.image_std),
+                              do_convert_rgb=True, **geometry)
+
+
+def add_image_token(tokenizer, llm: nn.Module) -> int:
+    """Add "<image>" as a special token (if missing) and make room for it in the LM's embeddings; returns its id.
+
+    New embedding rows are set to the mean of the existing ones: the input row is always replaced by image features,
+    and the output row's logit is the mean logit, so it never wins a greedy step.
+    """
+    from transformers import AddedToken
+
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if image_id >= rows:
+        llm.resize_token_embeddings(image_id + 1, mean_resizing=False)
+        with torch.no_grad():
+            for embedding in {id(e): e for e in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
+                embedding.weight[rows:] = embedding.weight[:rows].mean(dim=0)
+    return image_id
+
+
+def _stop_token_ids(tokenizer, conv_mode: str) -> tuple[list[int], list[str]]:
+    """(eos ids, multi-token stop strings) that end a reply, as InferenceEngine stops."""
+    from .infer.engine import end_of_turn_texts
+
+    ids, strings = {tokenizer.eos_token_id} - {None}, []
+    for text in end_of_turn_texts(tokenizer, conv_mode):
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+        else:
+            strings.append(text)
+    return sorted(ids), strings
+
+
+def build_llava(model: MultimodalLM, tokenizer, mm_config: dict):
+    """(LlavaForConditionalGeneration, LlavaProcessor) equivalent to `model` (adapters already merged, fp32).
+
+    Takes over `model.llm` (resized for the image token) and modifies `tokenizer`: pass copies to keep them.
+    """
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    conv_mode = mm_config.get("conv_mode", "vicuna_v1")
+    vision, llm = model.vision, model.llm
+    projector_state = llava_projector_state(model.projector, mm_config["mm_projector_type"])
+    hf_vision = build_clip_vision_model(vision)
+    template = llava_chat_template(conv_mode, tokenizer)
+    image_id = add_image_token(tokenizer, llm)
+    strategy = "full" if vision.select_feature == "cls_patch" else "default"
+    config = LlavaConfig(vision_config=hf_vision.config, text_config=llm.config, image_token_index=image_id,
+                         image_seq_length=vision.num_tokens, projector_hidden_act="gelu",
+                         vision_feature_select_strategy=strategy,
+                         vision_feature_layer=llava_vision_feature_layer(vision), multimodal_projector_bias=True)
+    with torch.device("meta"):  # every part is replaced below: allocating random weights would be wasted work
+        llava = LlavaForConditionalGeneration(config)
+    base = llm.base_model
+    if type(base) is not type(llava.model.language_model):
+        raise ExportError(f"--export hf-llava: transformers builds a {type(llava.model.language_model).__name__} "
+                          f"for this LM config, but the LM's decoder is a {type(base).__name__}")
+    llava.model.vision_tower = hf_vision
+    llava.model.language_model = base
+    llava.lm_head = llm.get_output_embeddings()
+    llava.model.multi_modal_projector.load_state_dict(
+        {k: v.detach().clone() for k, v in projector_state.items()}, assign=True)
+    left_on_meta = [name for name, t in chain(llava.named_parameters(), llava.named_buffers()) if t.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"LLaVA export left parameters unset: {left_on_meta[:5]}")
+    eos_ids, stop_strings = _stop_token_ids(tokenizer, conv_mode)
+    llava.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+        **(dict(stop_strings=stop_strings) if stop_strings else {}))
+    tokenizer.chat_template = template  # tokenizer and processor render alike
+    processor = LlavaProcessor(
+        image_processor=clip_image_processor(vision, mm_config.get("image_aspect_ratio", "pad")), tokenizer=tokenizer,
+        patch_size=vision.visual.patch_size[0], vision_feature_select_strategy=strategy, chat_template=template,
+        image_token=IMAGE_PLACEHOLDER, num_additional_image_tokens=1)  # CLIP's class token
+    return llava.eval(), processor
+
+
+def _hf_llava_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
+                    dtype: torch.dtype) -> Iterator[str]:
+    if (checkpoint_dir / VISION_FILE).is_file():
+        log.info("using the tuned vision tower from %s", checkpoint_dir / VISION_FILE)
+    if mm_config.get("image_aspect_ratio", "pad") == "pad":
+        log.warning("image_aspect_ratio is 'pad', but CLIPImageProcessor cannot pad to a square: it will squash "
+                    "non-square images. Pad them yourself (mm_moslora.data.images.pad_to_square, mean colour) "
+                    "for the trained model's exact inputs.")
+    merge_llm_adapters(model.llm)
+    yield "merged the adapters"
+    llava, processor = build_llava(model, copy.deepcopy(tokenizer), mm_config)
+    yield "converted to LLaVA"
+    llava.to(dtype).save_pretrained(out)
+    yield "wrote the model"
+    processor.save_pretrained(out)
+    yield "wrote the processor"

@@ -1,0 +1,123 @@
+"""InferenceEngine: batched answers equal one-by-one answers, stopping, streaming, context limits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm_moslora.adapters import adapter_modules
+from mm_moslora.data.images import load_image
+from mm_moslora.infer import InferenceEngine, PromptTooLongError, Request
+from tests.helpers import QUESTIONS, make_images, make_tiny_checkpoint, single_thread
+
+MAX_NEW = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    return make_tiny_checkpoint(root / "ckpt"), [load_image(p) for p in make_images(root / "images", 4)]
+
+
+@pytest.fixture(scope="module")
+def engine(files):
+    return InferenceEngine.from_checkpoint(files[0])
+
+
+def mixed_requests(images) -> list[Request]:
+    """16 requests of different lengths: one image, two images, and text only."""
+    requests = [Request([{"role": "user", "content": "<image>\n" + QUESTIONS[i % len(QUESTIONS)] * (1 + i % 3)}],
+                        [images[i % len(images)]]) for i in range(13)]
+    requests.append(Request([{"role": "user", "content": "Compare <image> with <image>."}], images[:2]))
+    requests.append(Request([{"role": "user", "content": "Just text, no image."}], []))
+    requests.append(Request([{"role": "user", "content": "<image>\nWhat is it?"},
+                             {"role": "assistant", "content": "A picture."},
+                             {"role": "user", "content": "Tell me more."}], [images[3]]))
+    return requests
+
+
+def test_batch_16_answers_equal_batch_1(engine, files):
+    requests = mixed_requests(files[1])
+    batched = engine.generate(requests, max_new_tokens=MAX_NEW, batch_size=16)
+    single = engine.generate(requests, max_new_tokens=MAX_NEW, batch_size=1)
+    assert batched == single
+    # Order is the input order: a request asked alone gets the answer at its index.
+    for i in (0, 13, 14):
+        assert engine.generate([requests[i]], max_new_tokens=MAX_NEW) == [batched[i]]
+    # Non-trivial model: the image changes the answer.
+    same_question = [Request([{"role": "user", "content": "<image>\nWhat is it?"}], [img]) for img in files[1]]
+    assert len(set(engine.generate(same_question, max_new_tokens=MAX_NEW))) >= 3
+    assert all(isinstance(a, str) and a for a in batched)
+
+
+def test_adapter_is_loaded_merged_and_matters(engine, files):
+    modules = adapter_modules(engine.model.llm)
+    assert modules and all(m.merged for m in modules.values())
+    assert all(m.lora_B.abs().sum() > 0 for m in modules.values())
+    requests = mixed_requests(files[1])[:6]
+    merged = engine.generate(requests, max_new_tokens=MAX_NEW)
+    unmerged = InferenceEngine.from_checkpoint(files[0], merge=False)
+    assert not any(m.merged for m in adapter_modules(unmerged.model.llm).values())
+    assert unmerged.generate(requests, max_new_tokens=MAX_NEW) == merged
+    with torch.no_grad():
+        for module in adapter_modules(unmerged.model.llm).values():
+            module.lora_B.zero_()
+    assert unmerged.generate(requests, max_new_tokens=MAX_NEW) != merged
+
+
+def test_stops_at_end_of_turn(engine, files):
+    eos = engine.tokenizer.eos_token_id
+    assert engine.stop_texts == ["</s>"] and eos in engine.stop_token_ids  # vicuna_v1 ends a reply with </s>
+    ids = engine.tokenizer.encode(" a cat", add_special_tokens=False)
+    assert engine._decode(ids + [eos] + ids) == engine._decode(ids) == "a cat"
+    # A model whose lm_head always prefers eos stops at once.
+    stopping = InferenceEngine.from_checkpoint(files[0])
+
+    def prefer_eos(module, inputs, logits):
+        logits[..., eos] = 1e4
+        return logits
+    stopping.model.llm.get_output_embeddings().register_forward_hook(prefer_eos)
+    assert stopping.generate(mixed_requests(files[1])[:3], max_new_tokens=MAX_NEW) == ["", "", ""]
+
+def test_streaming_pieces_make_the_answer(engine, files):
+    request = mixed_requests(files[1])[0]
+    pieces = []
+    answer = engine.generate([request], max_new_tokens=MAX_NEW, stream=pieces.append)[0]
+    assert answer.count(" ") >= 2 and len(pieces) >= 2  # words arrive one by one
+    assert "".join(pieces).strip() == answer
+    with pytest.raises(ValueError, match="exactly one request"):
+        engine.generate([request, request], stream=pieces.append)
+
+
+def test_prompt_longer_than_context(engine, files):
+    long_text = "word " * (engine.context_length + 10)
+    requests = [Request([{"role": "user", "content": "<image>\nhi"}], [files[1][0]]),
+                Request([{"role": "user", "content": "<image>\n" + long_text}], [files[1][0]])]
+    with pytest.raises(PromptTooLongError, match="request 1: the prompt has .* context holds 1024") as info:
+        engine.generate(requests, max_new_tokens=2)
+    assert info.value.index == 1 and info.value.n_tokens > engine.context_length
+    # Truncation keeps the image and the end of the prompt, leaving room for the reply.
+    ids = engine.prompt_ids(requests[1].messages, 1, truncate=True)
+    assert len(ids) == engine.context_length - 1
+    assert ids.count(-200) == engine.model.num_image_tokens
+    assert engine.tokenizer.decode(ids[-8:]).endswith("word word ASSISTANT:")
+    answers = engine.generate(requests, max_new_tokens=3, truncate=True)
+    assert len(answers) == 2
+
+
+def test_bad_requests(engine, files):
+    with pytest.raises(ValueError, match="1 <image> placeholders but 2 images"):
+        engine.generate([Request([{"role": "user", "content": "<image> hi"}], files[1][:2])])
+    with pytest.raises(ValueError, match="last message must be the user's"):
+        engine.generate([Request([{"role": "assistant", "content": "hi"}], [])])
+
+
+def test_sampling_runs(engine, files):
+    torch.manual_seed(0)
+    answers = engine.generate(mixed_requests(files[1])[:4], max_new_tokens=3, temperature=0.7, top_p=0.9)
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
