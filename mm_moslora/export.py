@@ -29,6 +29,8 @@ Formats, written into OUT (layouts of docs/architecture.md):
   converted to `CLIPVisionModel`; an `mlp2x_gelu` projector (HF Llava's projector is exactly Linear-GELU-Linear).
   The exported tower stops at the selected block, as ours does (later blocks are never used), so
   `vision_feature_layer` points at that block of the truncated tower (-1 for a negative select_layer).
+  Chat template: ours for vicuna_v1 and plain (string contents with inline "<image>", or HF's list contents); for
+  chat_template, the LM's own template, which expects string contents with inline "<image>".
   Preprocessing: `CLIPImageProcessor` cannot pad to a square, so for `image_aspect_ratio="pad"` (our default) it
   squashes non-square images instead; feed square images (or pad them with
   `mm_moslora.data.images.pad_to_square`, fill = the mean colour) to get our model's exact inputs.
@@ -77,6 +79,7 @@ PEFT_DIR = "llm_adapter"
 TOKENIZER_DIR = "tokenizer"
 VISION_FILE = "vision_tower.safetensors"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_STEP_COUNTS = {"merged": 3, "peft": 2, "hf-llava": 4}  # progress steps of each writer, after loading
 
 
 class ExportError(ValueError):
@@ -120,8 +123,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, export
         model, tokenizer, mm_config = load_checkpoint(checkpoint_dir, dtype=torch.float32, device="cpu")
         bar.update()
         if export == "hf-llava":  # fail before anything is written
-            convert_open_clip_vision(model.vision)
-            llava_projector_state(model.projector, mm_config["mm_projector_type"])
+            check_llava_convertible(model, tokenizer, mm_config)
         with staging_dir(output_dir, overwrite) as staging:
             for step in steps(model, tokenizer, mm_config, checkpoint_dir, staging, out_dtype):
                 bar.set_postfix_str(step)
@@ -220,8 +222,6 @@ def _adapter_config(checkpoint_dir: Path) -> AdapterConfig | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # merged
-
-_STEP_COUNTS = {"merged": 3, "peft": 2, "hf-llava": 4}
 
 
 def _merged_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
@@ -333,16 +333,14 @@ def convert_open_clip_vision(vision: VisionTower):
     """open_clip ViT (already truncated at the selected block) -> (CLIPVisionConfig, CLIPVisionTransformer state).
 
     State keys are relative to the CLIP vision transformer (`embeddings.*`, `pre_layrnorm.*`, `encoder.layers.*`,
-    `post_layernorm.*`). post_layernorm is never used by LLaVA's features; it is the final norm when the tower kept
-    one, else the identity-initialised LayerNorm. Raises ExportError naming every part that does not map.
+    `post_layernorm.*`); values are detached views of the tower's tensors (q/k/v are slices of in_proj). The
+    post_layernorm is never used by LLaVA's features: the tower's final norm when it kept one, else an
+    identity-initialised LayerNorm. Raises ExportError naming every part that does not map.
     """
     from transformers import CLIPVisionConfig
 
+    check_vision_convertible(vision)
     visual = vision.visual
-    problems = _vision_problems(visual)
-    if problems:
-        raise ExportError(f"--export hf-llava: the vision tower {vision.name_or_path!r} cannot be converted to a "
-                          f"Hugging Face CLIPVisionModel: " + "; ".join(problems))
     blocks = visual.transformer.resblocks
     width = visual.transformer.width
     config = CLIPVisionConfig(
@@ -369,7 +367,15 @@ def convert_open_clip_vision(vision: VisionTower):
     keep_final = isinstance(final, nn.LayerNorm) and final.weight is not None and final.weight.shape == (width,)
     state["post_layernorm.weight"] = final.weight if keep_final else torch.ones(width)
     state["post_layernorm.bias"] = final.bias if keep_final else torch.zeros(width)
-    return config, {k: v.detach().clone().contiguous() for k, v in state.items()}
+    return config, {k: v.detach() for k, v in state.items()}
+
+
+def check_vision_convertible(vision: VisionTower) -> None:
+    """Raise ExportError naming every part of the tower that HF CLIPVisionModel cannot express."""
+    problems = _vision_problems(vision.visual)
+    if problems:
+        raise ExportError(f"--export hf-llava: the vision tower {vision.name_or_path!r} cannot be converted to a "
+                          f"Hugging Face CLIPVisionModel: " + "; ".join(problems))
 
 
 def build_clip_vision_model(vision: VisionTower) -> nn.Module:
@@ -448,8 +454,10 @@ def llava_chat_template(conv_mode: str, tokenizer) -> str:
 def clip_image_processor(vision: VisionTower, image_aspect_ratio: str):
     """A CLIPImageProcessor with the tower's size, mean and std, resizing like our ImageProcessor's mode.
 
-    `square`: shortest side to S then centre crop (exact match). `resize`: squash to S×S (exact match). `pad`:
-    squashes too, as HF cannot pad to a square: identical for square images only.
+    `resize`: squash to S×S (same pixels). `square`: shortest side to S, then centre crop; same pixels when the
+    resized long side minus S is even, else HF's crop sits one pixel before ours (HF floors half the margin,
+    torchvision's CenterCrop, which open_clip and our ImageProcessor use, rounds it). `pad`: squashes too, as HF
+    cannot pad to a square: same pixels for square images only.
     """
     from transformers import CLIPImageProcessor
 
@@ -462,6 +470,13 @@ def clip_image_processor(vision: VisionTower, image_aspect_ratio: str):
                               do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                               image_mean=list(vision.image_mean), image_std=list(vision.image_std),
                               do_convert_rgb=True, **geometry)
+
+
+def check_llava_convertible(model: MultimodalLM, tokenizer, mm_config: dict) -> None:
+    """Raise ExportError when the tower, the projector or the conversation template has no HF Llava equivalent."""
+    check_vision_convertible(model.vision)
+    llava_projector_state(model.projector, mm_config["mm_projector_type"])
+    llava_chat_template(mm_config.get("conv_mode", "vicuna_v1"), tokenizer)
 
 
 def add_image_token(tokenizer, llm: nn.Module) -> int:
@@ -479,7 +494,7 @@ def add_image_token(tokenizer, llm: nn.Module) -> int:
     if image_id >= rows:
         llm.resize_token_embeddings(image_id + 1, mean_resizing=False)
         with torch.no_grad():
-            for embedding in {id(e): e for e in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
+            for embedding in (llm.get_input_embeddings(), llm.get_output_embeddings()):  # tied: same rows twice
                 embedding.weight[rows:] = embedding.weight[:rows].mean(dim=0)
     return image_id
 

@@ -95,14 +95,15 @@ QUESTIONS = ("What is in the image?", "Describe the colours.", "Is there a squar
              "Answer with one word: what colour is the background of this picture?", "Count the objects.")
 
 
-def make_question_file(path: str | Path, image_names: list[str], n: int = 8, with_placeholder_every: int = 2) -> Path:
-    """A LLaVA question file with `n` questions cycling over `image_names`; every other text already
-    starts with "<image>\\n" (both styles occur in LLaVA's files), and each has a category and metadata."""
+def make_question_file(path: str | Path, image_names: list[str], n: int = 8) -> Path:
+    """A LLaVA question file with `n` questions cycling over `image_names` and QUESTIONS. Both styles of
+    LLaVA's files occur: texts of questions 0, 1, 4, 5, 8, ... start with "<image>\n", the others do not.
+    Each has a category and a metadata object."""
     path = Path(path)
     with path.open("w") as f:
         for i in range(n):
             text = QUESTIONS[i % len(QUESTIONS)]
-            if i % with_placeholder_every == 0:
+            if i % 4 < 2:
                 text = "<image>\n" + text
             image = image_names[i % len(image_names)]
             record = {"question_id": f"q{i}", "image": image, "text": text, "category": f"cat{i % 2}",

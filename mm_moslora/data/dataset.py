@@ -66,7 +66,8 @@ def read_raw_records(data_path: str | Path) -> tuple[list, list[Problem]]:
             records = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataValidationError(f"{data_path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}")
-        return records, []
+        # A null entry would otherwise pass for an already-reported line and vanish silently.
+        return records, [Problem(i, "<no id>", "record is null") for i, r in enumerate(records) if r is None]
     records, problems = [], []
     for i, line in enumerate(text.splitlines()):
         if not line.strip():
@@ -112,7 +113,7 @@ def validate_records(records: list, path: str, tokenizer: PreTrainedTokenizerBas
     report = ValidationReport(str(path), len(records))
     for index, record in enumerate(records):
         if record is None:
-            continue  # already reported as invalid JSON
+            continue  # already reported by read_raw_records (invalid JSON line, null entry)
         rid = str(record.get("id", "<no id>")) if isinstance(record, dict) else "<no id>"
         add = lambda msg: report.problems.append(Problem(index, rid, msg))  # noqa: E731
         if not isinstance(record, dict):

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from ..adapters import unload_adapters
 from ..data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, build_generation_prompt, render
 from ..data.images import ImageProcessor
 from ..model.build import load_checkpoint, parse_dtype
@@ -81,7 +82,7 @@ class _CallbackStreamer(TextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if self.stopped:
             return
-        self.text += text
+        self.text = (self.text + text).lstrip()  # replies are stripped: so is their stream
         cut = min((self.text.find(s) for s in self.stop_texts if s in self.text), default=-1)
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True
@@ -117,16 +118,20 @@ class InferenceEngine:
                         ) -> "InferenceEngine":
         """Load a training output (see model.build.load_checkpoint); conv_mode defaults to the checkpoint's.
 
+        merge: fold the adapters into the base weights and drop the adapter layers (same answers, faster).
         quantize: "4bit" or "8bit" puts the LM's linear layers into bitsandbytes (CUDA only), after the
         adapters are merged.
         """
         if quantize is not None:
             check_quantization(quantize, device)
-            model, tokenizer, mm_config = load_checkpoint(path, dtype=dtype, device="cpu", merge=True)
+        load_device = "cpu" if quantize else device
+        merge = merge or quantize is not None
+        model, tokenizer, mm_config = load_checkpoint(path, dtype=dtype, device=load_device, merge=merge)
+        if merge:
+            unload_adapters(model.llm, merge=True)
+        if quantize:
             quantize_llm(model.llm, quantize, parse_dtype(dtype))
-            model.to(device)
-        else:
-            model, tokenizer, mm_config = load_checkpoint(path, dtype=dtype, device=device, merge=merge)
+            model.to(device)  # bitsandbytes quantizes the weights on their way to the GPU
         return cls(model, tokenizer, conv_mode or mm_config.get("conv_mode", "vicuna_v1"),
                    image_aspect_ratio=mm_config.get("image_aspect_ratio", "pad"))
 

@@ -8,7 +8,9 @@ their final length and image features are a 1:1 `masked_scatter` into those posi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IMAGE_TOKEN_ID = -200  # LLaVA's sentinel; never a vocabulary id, so no embedding resize is needed
 
@@ -65,6 +67,29 @@ class MultimodalLM(nn.Module):
         """input_ids, attention_mask, labels: (B, T); pixel_values: (n_images, 3, H, W).
 
         Returns the LM's output (`.loss` when labels are given; labels use -100 for ignored positions).
+        With labels, the loss is computed from the supervised positions only (see `supervised_loss`), and
+        `.logits` is None.
         """
         inputs_embeds = self.embed(input_ids, pixel_values)
+        if labels is not None and self._can_select_logits():
+            return self.supervised_loss(inputs_embeds, attention_mask, labels, **llm_kwargs)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+
+    def _can_select_logits(self) -> bool:
+        config = self.llm.config
+        return (hasattr(self.llm, "get_decoder") and self.llm.get_output_embeddings() is not None
+                and not getattr(config, "final_logit_softcapping", None) and not getattr(config, "logit_scale", None))
+
+    def supervised_loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                        labels: torch.Tensor, **llm_kwargs) -> CausalLMOutputWithPast:
+        """Next-token cross-entropy over supervised positions only: the LM head runs on those hidden states
+        alone, so image and prompt positions (over half of a LLaVA sequence) cost no vocabulary projection
+        and no fp32 logits are materialised for them. Equal to the Hugging Face loss (mean over labels != -100).
+        """
+        hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                        **llm_kwargs).last_hidden_state          # (B, T, H)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])        # (n_supervised, vocab)
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
+        return CausalLMOutputWithPast(loss=loss)

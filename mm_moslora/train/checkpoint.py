@@ -89,7 +89,9 @@ def save_training_checkpoint(engine, checkpoints_dir: Path, step: int, client_st
     (it gathers ZeRO-3 parameters itself, so it is collective too)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag, tmp_tag = f"step-{step}", f"{TMP_PREFIX}step-{step}"
-    engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    # Frozen base weights are not written: they come from the base model, and a 7B LM would add 13 GB per step.
+    engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
     torch.save(rng_state(), checkpoints_dir / tmp_tag / f"rng_state_{rank}.pt")
     write_inference_files(checkpoints_dir / tmp_tag)
     if dist.is_initialized():
@@ -114,7 +116,8 @@ def load_training_checkpoint(engine, checkpoints_dir: Path, tag: str) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; returns the client state."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     load_path, client_state = engine.load_checkpoint(str(checkpoints_dir), tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+                                                     load_lr_scheduler_states=True,
+                                                     load_module_strict=False)  # frozen weights are not saved
     if load_path is None:
         raise RuntimeError(f"could not load checkpoint {checkpoints_dir / tag}")
     rng_file = checkpoints_dir / tag / f"rng_state_{rank}.pt"

@@ -28,11 +28,14 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 def param_groups(model: torch.nn.Module, learning_rate: float, mm_projector_lr: float | None,
                  weight_decay: float) -> list[dict]:
-    """Adapter (and any other trainable LM/vision) parameters at --learning_rate; the projector at --mm_projector_lr."""
+    """Adapter (and any other trainable LM/vision) parameters at --learning_rate; the projector at --mm_projector_lr.
+
+    Groups are named ("adapter", "projector"; empty ones left out) so logs can tell their learning rates apart.
+    """
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
     projector = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")]
-    groups = [{"params": rest, "lr": learning_rate, "weight_decay": weight_decay},
-              {"params": projector, "lr": mm_projector_lr or learning_rate, "weight_decay": 0.0}]
+    groups = [{"name": "adapter", "params": rest, "lr": learning_rate, "weight_decay": weight_decay},
+              {"name": "projector", "params": projector, "lr": mm_projector_lr or learning_rate, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: no parameter requires grad")
@@ -77,7 +80,7 @@ def train_micro_step(engine, batch: dict, device: torch.device, pad_token_id: in
         n_samples, n_tokens = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
     else:
         dummy = torch.full((1, 1), pad_token_id, device=device)
-        loss = engine(input_ids=dummy, labels=torch.full_like(dummy, -100)).logits.sum() * 0.0
+        loss = engine(input_ids=dummy, labels=torch.full_like(dummy, -100)).loss * 0.0
         n_samples, n_tokens = 0, 0
     engine.backward(loss)
     engine.step()

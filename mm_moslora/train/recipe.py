@@ -28,6 +28,7 @@ from ..model.projector import load_projector_state
 from .args import DEFAULT_DEMO_DIR
 from .checkpoint import (latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
                          save_training_checkpoint)
+from .ds_config import load_deepspeed_config
 from .engine import build_engine, train_micro_step
 
 log = logging.getLogger("mm_moslora.train")
@@ -96,6 +97,10 @@ def train(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rank, world_size, device = init_distributed()
     logging.getLogger("mm_moslora").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # A bad --deepspeed file fails now, not after minutes of model loading (bucket sizes wait for the model).
+    load_deepspeed_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
+                          grad_accum=args.gradient_accumulation_steps, world_size=world_size, bf16=args.bf16,
+                          fp16=args.fp16, max_grad_norm=args.max_grad_norm, hidden_size=None)
     torch.manual_seed(args.seed)
     if args.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -185,7 +190,9 @@ def train(args: argparse.Namespace) -> dict:
         return {k: v for k, v in full.items() if k in expected}
 
     # Resume: model, optimizer, scheduler, RNG and data position.
-    state = {"global_step": 0, "micro_step": 0, "samples": 0, "skipped_images": 0, "tokens": 0}
+    # Counters are totals over all ranks; last_loss is kept so a run resumed at its end still reports it.
+    state = {"global_step": 0, "micro_step": 0, "samples": 0, "skipped_images": 0, "tokens": 0,
+             "last_loss": float("nan")}
     tag = latest_checkpoint(ckpt_dir) if args.resume else None
     if tag:
         client = load_training_checkpoint(engine, ckpt_dir, tag)
@@ -199,35 +206,45 @@ def train(args: argparse.Namespace) -> dict:
     bar = tqdm(total=total_steps, initial=state["global_step"], desc=args.stage, disable=rank != 0, dynamic_ncols=True)
     engine.train()
     loss_sum, loss_count, t_window, samples_window = 0.0, 0, time.time(), 0
-    t_start, last_loss = time.time(), float("nan")
+    t_start = time.time()
     micro_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
     while state["global_step"] < total_steps:
         epoch, micro_in_epoch = divmod(state["micro_step"], micro_per_epoch)
         order = epoch_batches(lengths, args.per_device_train_batch_size, world_size, args.seed, epoch,
                               args.group_by_modality_length)[:micro_per_epoch]
+        # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, which dropout
+        # uses too, and a resumed run creates its loader at another point of that stream.
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=[b[rank] for b in order[micro_in_epoch:]],
-            collate_fn=lambda s: collate(s, tokenizer.pad_token_id), num_workers=args.dataloader_num_workers)
+            collate_fn=lambda s: collate(s, tokenizer.pad_token_id), num_workers=args.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
         for batch in loader:
-            state["skipped_images"] += batch["n_skipped"]
             loss, n_samples, n_tokens = train_micro_step(engine, batch, device, tokenizer.pad_token_id)
+            counts = torch.tensor([n_samples, batch["n_skipped"], n_tokens], dtype=torch.long, device=device)
+            if world_size > 1:
+                dist.all_reduce(counts)  # ranks skip different images
+            n_samples, n_skipped, n_tokens = counts.tolist()
+            state["samples"] += n_samples
+            state["skipped_images"] += n_skipped
             state["tokens"] += n_tokens
             state["micro_step"] += 1
-            state["samples"] += n_samples * world_size
-            samples_window += n_samples * world_size
+            samples_window += n_samples
             loss_sum, loss_count = loss_sum + loss, loss_count + 1  # a tensor: no device sync per micro-step
             if state["micro_step"] % args.gradient_accumulation_steps:
                 continue
             state["global_step"] += 1
             step = state["global_step"]
-            last_loss = float(loss_sum) / loss_count
-            lr = scheduler.get_last_lr()[0]
+            state["last_loss"] = last_loss = float(loss_sum) / loss_count
+            lrs = scheduler.get_last_lr()  # one per optimizer group (engine.param_groups)
+            lr = lrs[0]
             if step % args.logging_steps == 0 or step == total_steps:
                 rate = samples_window / max(1e-9, time.time() - t_window)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 if writer:
                     writer.add_scalar("train/loss", last_loss, step)
                     writer.add_scalar("train/lr", lr, step)
+                    for group, group_lr in zip(optimizer.param_groups, lrs):
+                        writer.add_scalar(f"train/lr_{group['name']}", group_lr, step)
                     writer.add_scalar("train/samples_per_s", rate, step)
                 t_window, samples_window = time.time(), 0
             loss_sum, loss_count = 0.0, 0
@@ -239,13 +256,14 @@ def train(args: argparse.Namespace) -> dict:
                 break
     bar.close()
 
-    # Save: a resumable last checkpoint plus the inference files in OUTPUT_DIR itself.
-    save_training_checkpoint(engine, ckpt_dir, state["global_step"], dict(state), write_inference_files,
-                             args.save_total_limit)
+    # Save: a resumable last checkpoint (unless this run resumed from it) plus the inference files in OUTPUT_DIR.
+    if tag != f"step-{state['global_step']}":
+        save_training_checkpoint(engine, ckpt_dir, state["global_step"], dict(state), write_inference_files,
+                                 args.save_total_limit)
     write_inference_files(out_dir)
     elapsed = time.time() - t_start
     summary = {"stage": args.stage, "steps": state["global_step"], "samples": state["samples"],
-               "final_loss": round(last_loss, 6), "train_seconds": round(elapsed, 1),
+               "final_loss": round(state["last_loss"], 6), "train_seconds": round(elapsed, 1),
                "samples_per_second": round(state["samples"] / max(elapsed, 1e-9), 2),
                "tokens_per_second_per_device": round(state["tokens"] / max(elapsed, 1e-9)),
                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,

@@ -1,0 +1,294 @@
+"""LLaVA-format data (mm_moslora.data.dataset/images/collate): the validation report, the lazily tokenized
+dataset, image preprocessing and the epoch order. Files are written under tmp_path; the tokenizer is the
+shipped tiny one."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from mm_moslora.data.collate import collate, epoch_batches
+from mm_moslora.data.conversation import IGNORE_INDEX
+from mm_moslora.data.dataset import (DataValidationError, LlavaDataset, load_llava_data, normalized_conversations,
+                                     read_raw_records)
+from mm_moslora.data.images import ImageProcessor, load_image, resolve_image_path
+from mm_moslora.model.build import build_tokenizer
+from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
+
+N_IMG = 4  # image tokens per image
+MAX_LEN = 48
+TEMPLATE = "chat_template"
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer("tiny")
+
+
+def qa(question: str = "What is it?", answer: str = "A circle.") -> list[dict]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+GOOD = ["ok-img", "ok-text", "ok-auto", "corrupt", "ok-system"]
+# One line per record; None marks the line that is not valid JSON. Expected problems by record index.
+RECORDS = [
+    {"id": "ok-img", "image": "good.png", "conversations": qa("<image>\nWhat is it?")},
+    None,
+    {"id": "no-conv", "image": "good.png"},
+    {"id": "bad-role", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+    {"id": "order", "conversations": list(reversed(qa()))},
+    {"id": "empty", "conversations": qa(answer="   ")},
+    {"id": "missing-img", "image": "nope.png", "conversations": qa("<image>\nWhat?")},
+    {"id": "escape", "image": "../outside.png", "conversations": qa("<image>\nWhat?")},
+    {"id": "two-ph", "image": "good.png", "conversations": qa("<image> and <image>: same?")},
+    {"id": "masked", "conversations": qa("describe the shapes " * 20, "ok")},
+    {"id": "ok-text", "conversations": qa("How many sides has a square?", "Four.")},
+    {"id": "ok-auto", "image": "good.png", "conversations": qa("Describe it.")},  # placeholder implied
+    {"id": "corrupt", "image": "corrupt.png", "conversations": qa("<image>\nWhat?")},  # found, undecodable
+    {"id": "few-ph", "image": ["good.png", "good.png"], "conversations": qa("<image>\nWhat?")},
+    {"id": "late-image", "image": "good.png", "conversations": qa("look " * 40 + "<image>")},
+    {"id": "img-type", "image": 5, "conversations": qa()},
+    [1, 2],
+    {"id": "ok-system", "image": "good.png",
+     "conversations": [{"from": "system", "value": "Be brief."}] + qa("What colour?", "Red.")},
+    {"id": "not-last", "conversations": qa() + [{"from": "human", "value": "and?"}]},
+]
+EXPECTED = {
+    1: ("<line 2>", "invalid JSON"),
+    2: ("no-conv", "missing 'conversations'"),
+    3: ("bad-role", "turn 0: unknown role 'robot'"),
+    4: ("order", "turns out of order: turn 0"),
+    5: ("empty", "turn 1: empty assistant reply"),
+    6: ("missing-img", "image 'nope.png' not found under --image_folder"),
+    7: ("escape", "image path '../outside.png' leaves --image_folder"),
+    8: ("two-ph", "2 <image> placeholders but 1 images"),
+    9: ("masked", f"every label is masked after truncation to --model_max_length {MAX_LEN}"),
+    13: ("few-ph", "2 images but only 1 <image> placeholders"),
+    14: ("late-image", f"--model_max_length {MAX_LEN} cuts off image tokens"),
+    15: ("img-type", "'image' must be a path or a list of paths"),
+    16: ("<no id>", "record is not a JSON object"),
+    18: ("not-last", "the conversation must end with an assistant"),
+}
+
+
+def write_images(folder):
+    folder.mkdir()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(folder / "good.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"definitely not image data" * 4)
+    Image.new("RGB", (8, 8)).save(folder.parent / "outside.png")  # exists, but outside the folder
+
+
+@pytest.fixture
+def data(tmp_path):
+    """(data_path, image_folder) with every record of RECORDS, as JSONL."""
+    images = tmp_path / "images"
+    write_images(images)
+    lines = [json.dumps(r) if r is not None else '{"id": "broken", "conversations": [' for r in RECORDS]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, images
+
+
+def load(path, images, tokenizer, **kwargs):
+    return load_llava_data(str(path), tokenizer, TEMPLATE, N_IMG, str(images), MAX_LEN, **kwargs)
+
+
+def test_every_problem_is_reported_with_index_and_id(data, tokenizer):
+    path, images = data
+    with pytest.raises(DataValidationError) as info:
+        load(path, images, tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {len(EXPECTED)} of {len(RECORDS)} records have problems")
+    for index, (record_id, problem) in EXPECTED.items():
+        assert f"record {index} (id {record_id}): {problem}" in message, (index, problem)
+    assert "--skip_bad_samples" in message
+    for record_id in GOOD:
+        assert f"(id {record_id})" not in message
+
+
+def test_skip_bad_samples_keeps_the_rest(data, tokenizer):
+    path, images = data
+    records, report = load(path, images, tokenizer, skip_bad_samples=True)
+    assert report.bad_indices == set(EXPECTED) and report.n_records == len(RECORDS)
+    assert [p.index for p in report.problems] == sorted(p.index for p in report.problems)
+    assert records["id"] == GOOD
+    assert [list(i) for i in records["images"]] == [["good.png"], [], ["good.png"], ["corrupt.png"], ["good.png"]]
+    auto = json.loads(records["conversations"][2])
+    assert auto[0]["value"] == "<image>\nDescribe it."
+    system_first = json.loads(records["conversations"][4])
+    assert system_first[0]["value"] == "Be brief." and system_first[1]["value"] == "<image>\nWhat colour?"
+
+
+def test_json_list_file_and_null_entries(tmp_path, tokenizer):
+    images = tmp_path / "images"
+    write_images(images)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([RECORDS[0], None, RECORDS[10]], indent=1))
+    with pytest.raises(DataValidationError, match=r"record 1 \(id <no id>\): record is null"):
+        load(path, images, tokenizer)
+    records, _ = load(path, images, tokenizer, skip_bad_samples=True)
+    assert records["id"] == ["ok-img", "ok-text"]
+    (tmp_path / "broken.json").write_text('[{"id": 1},\n {"id": ')
+    with pytest.raises(DataValidationError, match="invalid JSON at line 2"):
+        read_raw_records(tmp_path / "broken.json")
+    with pytest.raises(FileNotFoundError):
+        read_raw_records(tmp_path / "absent.jsonl")
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text(json.dumps(RECORDS[2]) + "\n")
+    with pytest.raises(DataValidationError, match="no usable records"):
+        load(only_bad, images, tokenizer, skip_bad_samples=True)
+
+
+def test_normalized_conversations_puts_one_placeholder_per_image():
+    record = {"image": ["a.png", "b.png"], "conversations": qa("Compare.")}
+    assert normalized_conversations(record)[0]["value"] == "<image>\n<image>\nCompare."
+    assert record["conversations"][0]["value"] == "Compare."  # the record itself is not modified
+
+
+def test_dataset_items_and_collate_drop_undecodable_images(data, tokenizer):
+    path, images = data
+    records, _ = load(path, images, tokenizer, skip_bad_samples=True)
+    processor = ImageProcessor(64, CLIP_MEAN, CLIP_STD, "pad")
+    dataset = LlavaDataset(records, tokenizer, TEMPLATE, N_IMG, processor, str(images), MAX_LEN)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert items[GOOD.index("corrupt")] is None
+    image_item, text_item = items[0], items[1]
+    assert image_item["pixel_values"].shape == (1, 3, 64, 64) and text_item["pixel_values"] is None
+    assert (image_item["input_ids"] == IMAGE_TOKEN_ID).sum() == N_IMG
+    assert image_item["input_ids"].shape == image_item["labels"].shape and len(image_item["input_ids"]) <= MAX_LEN
+    lengths = dataset.lengths()  # LLaVA's modality lengths: + for image samples, - for text-only
+    assert lengths[0] == len(records["conversations"][0].split()) + N_IMG
+    assert lengths[1] == -len(records["conversations"][1].split())
+    assert [n > 0 for n in lengths] == [True, False, True, True, True]
+
+    batch = collate(items, pad_token_id=tokenizer.pad_token_id)
+    assert batch["n_skipped"] == 1
+    good = [item for item in items if item is not None]
+    length = max(len(item["input_ids"]) for item in good)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (4, length)
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    # Every image in the batch has its positions, in order: the model can scatter the features.
+    assert int((batch["input_ids"] == IMAGE_TOKEN_ID).sum()) == 3 * N_IMG
+    for row, item in enumerate(good):
+        n = len(item["input_ids"])
+        assert torch.equal(batch["input_ids"][row, :n], item["input_ids"])
+        assert torch.equal(batch["labels"][row, :n], item["labels"])
+        assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (length - n)
+    assert collate([None, None], 0) == {"n_skipped": 2}
+    text_batch = collate([text_item], tokenizer.pad_token_id)
+    assert text_batch["pixel_values"] is None and text_batch["n_skipped"] == 0
+
+
+def test_load_image_rejects_corrupt_and_truncated_files(tmp_path):
+    path = tmp_path / "big.png"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(path)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert load_image(path).size == (64, 64)
+    with pytest.raises(Exception):
+        load_image(truncated)
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(Exception):
+        load_image(tmp_path / "text.png")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image preprocessing and paths
+
+def normalised(colour: tuple[int, int, int]) -> torch.Tensor:
+    return torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, CLIP_MEAN, CLIP_STD)])
+
+
+RED = (200, 30, 30)
+
+
+@pytest.mark.parametrize("size", [(60, 20), (20, 60)])
+def test_pad_mode_pads_with_the_mean_colour(size):
+    processor = ImageProcessor(64, CLIP_MEAN, CLIP_STD, "pad")
+    out = processor(Image.new("RGB", size, RED))
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    mean_colour = tuple(int(255 * m) for m in CLIP_MEAN)  # LLaVA's fill: the mean, as 8-bit values
+    torch.testing.assert_close(out[:, 0, 0], normalised(mean_colour), atol=0.02, rtol=0)
+    torch.testing.assert_close(out[:, 63, 63], normalised(mean_colour), atol=0.02, rtol=0)
+    torch.testing.assert_close(out[:, 32, 32], normalised(RED), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["square", "resize"])
+def test_crop_and_resize_modes_keep_only_the_image(mode):
+    out = ImageProcessor(64, CLIP_MEAN, CLIP_STD, mode)(Image.new("RGB", (60, 20), RED))
+    assert out.shape == (3, 64, 64)
+    torch.testing.assert_close(out, normalised(RED)[:, None, None].expand(3, 64, 64), atol=0.02, rtol=0)
+
+
+def test_normalisation_and_grayscale_input():
+    processor = ImageProcessor(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "pad")
+    out = processor(Image.new("L", (32, 32), 255))  # converted to RGB
+    torch.testing.assert_close(out, torch.full((3, 32, 32), 2.0))
+    with pytest.raises(ValueError, match="--image_aspect_ratio"):
+        ImageProcessor(32, CLIP_MEAN, CLIP_STD, "stretch")
+
+
+def test_resolve_image_path(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "coco").mkdir(parents=True)
+    assert resolve_image_path("coco/a.jpg", folder) == folder / "coco" / "a.jpg"
+    assert resolve_image_path("coco/../b.jpg", str(folder)) == folder / "b.jpg"
+    with pytest.raises(ValueError, match="leaves --image_folder"):
+        resolve_image_path("../secret.jpg", folder)
+    with pytest.raises(ValueError, match="leaves --image_folder"):
+        resolve_image_path("coco/../../secret.jpg", folder)
+    assert resolve_image_path("/abs/x.jpg", folder) == resolve_image_path("/abs/x.jpg", None) == \
+        type(folder)("/abs/x.jpg")
+    # Dataset folders are often symlinks to where the images really are: allowed.
+    real = tmp_path / "storage" / "gqa"
+    real.mkdir(parents=True)
+    os.symlink(real, folder / "gqa")
+    assert resolve_image_path("gqa/x.jpg", folder) == folder / "gqa" / "x.jpg"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Epoch order
+
+LENGTHS = [10 + i for i in range(23)] + [-(5 + i) for i in range(17)]  # 23 image, 17 text-only samples
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_epoch_batches_shapes_and_no_repeats(grouped):
+    batch_size, world_size = 2, 3
+    steps = epoch_batches(LENGTHS, batch_size, world_size, seed=3, epoch=0, group_by_modality_length=grouped)
+    expected_steps = (23 // 6 + 17 // 6) if grouped else 40 // 6
+    assert len(steps) == expected_steps
+    seen = []
+    for step in steps:
+        assert len(step) == world_size and all(len(rank) == batch_size for rank in step)
+        seen += [i for rank in step for i in rank]
+    assert len(seen) == len(set(seen)) == expected_steps * batch_size * world_size
+    assert set(seen) <= set(range(len(LENGTHS)))
+
+
+def test_epoch_batches_modality_purity_and_mix():
+    steps = epoch_batches(LENGTHS, 2, 3, seed=0, epoch=1)
+    kinds = [{LENGTHS[i] > 0 for rank in step for i in rank} for step in steps]
+    assert all(len(k) == 1 for k in kinds)  # each global batch: only image or only text samples
+    assert {True} in kinds and {False} in kinds
+    # Ranks get a similar length mix: the longest samples of a global batch go to different ranks.
+    for step in steps:
+        longest = sorted((abs(LENGTHS[i]), r) for r, rank in enumerate(step) for i in rank)[-3:]
+        assert len({r for _, r in longest}) == 3
+
+
+def test_epoch_batches_deterministic_per_seed_and_epoch():
+    kwargs = dict(lengths=LENGTHS, batch_size=2, world_size=2)
+    assert epoch_batches(**kwargs, seed=1, epoch=0) == epoch_batches(**kwargs, seed=1, epoch=0)
+    assert epoch_batches(**kwargs, seed=1, epoch=0) != epoch_batches(**kwargs, seed=1, epoch=1)
+    assert epoch_batches(**kwargs, seed=1, epoch=0) != epoch_batches(**kwargs, seed=2, epoch=0)
+    # Across epochs every sample is eventually drawn.
+    drawn = {i for epoch in range(10) for step in epoch_batches(**kwargs, seed=1, epoch=epoch) for r in step for i in r}
+    assert drawn == set(range(len(LENGTHS)))
+    assert len(epoch_batches(LENGTHS, 1, 1, seed=0, epoch=0)) == len(LENGTHS)
