@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -124,11 +125,19 @@ def run(args: argparse.Namespace) -> int:
     engine = InferenceEngine.from_checkpoint(args.model, device=device, dtype=dtype, conv_mode=args.conv_mode)
     model_id = args.model_id or Path(args.model).resolve().name
     torch.manual_seed(args.seed)
-    with answers_file.open("a") as out, tqdm(total=len(questions), initial=len(questions) - len(todo),
-                                             unit="question", desc=answers_file.name) as progress:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            requests = [to_request(q, args.image_folder) for q in batch]
+    batches = [todo[start:start + args.batch_size] for start in range(0, len(todo), args.batch_size)]
+
+    def load_batch(batch: list[dict]) -> list[Request]:
+        return [to_request(q, args.image_folder) for q in batch]
+    # Images of the next batch are decoded in a thread while the current batch generates.
+    with answers_file.open("a") as out, ThreadPoolExecutor(max_workers=1) as loader, \
+            tqdm(total=len(questions), initial=len(questions) - len(todo), unit="question",
+                 desc=answers_file.name) as progress:
+        upcoming = loader.submit(load_batch, batches[0])
+        for index, batch in enumerate(batches):
+            requests = upcoming.result()
+            if index + 1 < len(batches):
+                upcoming = loader.submit(load_batch, batches[index + 1])
             try:
                 answers = engine.generate(requests, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                           top_p=args.top_p, batch_size=args.batch_size, truncate=args.truncate)

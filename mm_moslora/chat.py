@@ -69,25 +69,20 @@ class Chat:
             text = f"{IMAGE_PLACEHOLDER}\n{text}"  # LLaVA puts the image before the first question
         self.messages.append({"role": "user", "content": text})
         pieces = []
-
-        def collect(piece: str) -> None:
-            pieces.append(piece)
-            if stream:
-                stream(piece)
         try:
             reply = self.engine.generate([(self.messages, [self.image] if self.image else [])],
                                          max_new_tokens=self.args.max_new_tokens, temperature=self.args.temperature,
-                                         top_p=self.args.top_p, stream=collect)[0]
+                                         top_p=self.args.top_p, stream=lambda piece: [pieces.append(piece),
+                                                                                       stream and stream(piece)])[0]
         except PromptTooLongError as err:
             self.messages.pop()
             raise ChatError(f"the conversation is {err.n_tokens} tokens long, more than the model's context of "
                             f"{err.context_length}: /reset to start again, or ask something shorter") from None
-        except KeyboardInterrupt:
-            reply = "".join(pieces).strip()
-            if not reply:
+        except KeyboardInterrupt:  # keep what the user saw, so the history stays user/assistant pairs
+            if "".join(pieces).strip():
+                self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+            else:
                 self.messages.pop()
-                raise
-            self.messages.append({"role": "assistant", "content": reply})
             raise
         self.messages.append({"role": "assistant", "content": reply})
         return reply
@@ -151,7 +146,7 @@ class Chat:
                 self.ask(line, stream=lambda piece: print(piece, end="", flush=True))
                 print()
             except ChatError as err:
-                print("\n" if replying else "", end="", flush=True)
+                print("\n" * replying, end="", flush=True)  # end the "ASSISTANT: " line first
                 print(f"error: {err}", file=sys.stderr, flush=True)
             except KeyboardInterrupt:
                 print(" [stopped]", flush=True)
@@ -168,7 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on a GPU, else fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="default: bf16 on a GPU (fp16 with --load-8bit), else fp32")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--load-4bit", action="store_true", help="NF4 weights through bitsandbytes (GPU only)")
     quant.add_argument("--load-8bit", action="store_true", help="int8 weights through bitsandbytes (GPU only)")
@@ -180,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     quantize = "4bit" if args.load_4bit else "8bit" if args.load_8bit else None
-    dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    # bitsandbytes' int8 matmul computes in fp16: bf16 inputs would be cast at every layer.
+    dtype = args.dtype or ("fp32" if not args.device.startswith("cuda") else "fp16" if args.load_8bit else "bf16")
     try:
         if quantize:
             check_quantization(quantize, args.device)

@@ -24,6 +24,15 @@ TEMPLATE = "chat_template"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny tensors: one thread is faster than two, and immune to other processes on a small machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer("tiny")
@@ -141,6 +150,19 @@ def test_json_list_file_and_null_entries(tmp_path, tokenizer):
     only_bad.write_text(json.dumps(RECORDS[2]) + "\n")
     with pytest.raises(DataValidationError, match="no usable records"):
         load(only_bad, images, tokenizer, skip_bad_samples=True)
+
+
+def test_template_rules_are_validated_even_for_short_records(tmp_path, tokenizer):
+    images = tmp_path / "images"
+    write_images(images)
+    path = tmp_path / "captions.jsonl"
+    records = [{"id": "cap", "image": "good.png", "conversations": qa("<image>\nDescribe.", "A red square.")},
+               {"id": "multi", "image": "good.png", "conversations": qa("<image>\nDescribe.") + qa("More?", "No.")}]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    with pytest.raises(DataValidationError) as info:
+        load_llava_data(str(path), tokenizer, "plain", N_IMG, str(images), 2048)
+    assert "record 1 (id multi): the plain template takes one human turn and one gpt reply" in str(info.value)
+    assert "(id cap)" not in str(info.value)
 
 
 def test_normalized_conversations_puts_one_placeholder_per_image():

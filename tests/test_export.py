@@ -34,7 +34,14 @@ from mm_moslora.export import (
     export_checkpoint,
 )
 from mm_moslora.infer import InferenceEngine
-from mm_moslora.model.build import build_llm, build_model, build_tokenizer, load_checkpoint, mm_config_for, save_mm_checkpoint
+from mm_moslora.model.build import (
+    build_llm,
+    build_model,
+    build_tokenizer,
+    load_checkpoint,
+    mm_config_for,
+    save_mm_checkpoint,
+)
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
 from mm_moslora.model.vision import VisionTower
 from tests.helpers import REPO_ROOT, make_images, make_tiny_checkpoint, single_thread, subprocess_env
@@ -121,13 +128,14 @@ def test_merged_checkpoint_answers_like_the_adapter_checkpoint(checkpoint, merge
     for request in demo_questions[:2]:
         expected = multimodal_logits(reference.model, reference, request)
         assert relative_error(multimodal_logits(engine.model, engine, request), expected) <= 1e-4
-    assert engine.generate(demo_questions, max_new_tokens=MAX_NEW) == \
-        reference.generate(demo_questions, max_new_tokens=MAX_NEW)
+    answers = reference.generate(demo_questions, max_new_tokens=MAX_NEW)
+    assert engine.generate(demo_questions, max_new_tokens=MAX_NEW) == answers and any(answers)
     # The merge changed the LM: the bare base answers differently.
-    base = load_file(str(merged / "llm" / "model.safetensors"))
+    written = load_file(str(merged / "llm" / "model.safetensors"))
     fresh = build_llm("tiny").state_dict()
-    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"], fresh["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(base["model.embed_tokens.weight"], fresh["model.embed_tokens.weight"])
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(written[q_proj], fresh[q_proj])
+    assert torch.equal(written["model.embed_tokens.weight"], fresh["model.embed_tokens.weight"])
 
 
 def make_bf16_base_checkpoint(root: Path) -> Path:
@@ -165,7 +173,8 @@ def test_bf16_merge_equals_fp32_merge_cast_to_bf16(root):
     base = load_file(str(root / "base-bf16" / "model.safetensors"))
     adapter = load_file(str(ckpt / "moslora_adapter.safetensors"))
     name = "model.layers.1.mlp.down_proj"
-    delta = 2.0 * adapter[f"{name}.lora_B"].float() @ (adapter[f"{name}.lora_M"].float() @ adapter[f"{name}.lora_A"].float())
+    lora_A, lora_M, lora_B = (adapter[f"{name}.lora_{x}"].float() for x in "AMB")
+    delta = 2.0 * lora_B @ (lora_M @ lora_A)  # alpha / r = 8 / 4
     expected = base[f"{name}.weight"].float() + delta
     assert delta.abs().max() > 1e-3
     torch.testing.assert_close(merged_fp32[f"{name}.weight"], expected, rtol=1e-6, atol=1e-6)
@@ -380,6 +389,8 @@ def test_cli_refuses_existing_output_and_overwrites_on_request(tmp_path, checkpo
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous.txt").write_text("keep")
+    with pytest.raises(OutputPathError, match="already exists"):
+        export_checkpoint(checkpoint, out, progress=False)
     assert main(["--checkpoint", str(checkpoint), "--output", str(out)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--overwrite" in error
@@ -411,5 +422,6 @@ def test_export_from_a_step_folder_ignores_deepspeed_state(tmp_path, checkpoint,
     for file in (checkpoint / "tokenizer").iterdir():
         (step / "tokenizer" / file.name).write_bytes(file.read_bytes())
     out = export_checkpoint(step, tmp_path / "from-step", progress=False)
-    ours, theirs = load_file(str(out / "llm" / "model.safetensors")), load_file(str(merged / "llm" / "model.safetensors"))
+    ours = load_file(str(out / "llm" / "model.safetensors"))
+    theirs = load_file(str(merged / "llm" / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -20,6 +20,15 @@ from mm_moslora.model.vision import TINY_VISION_NAME, VisionTower, register_tiny
 TINY_CLIP_CFG = json.loads((TINY_DIR / f"{TINY_VISION_NAME}.json").read_text())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny tensors: one thread is faster than two, and immune to other processes on a small machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tokenizer) of the built-in tiny default; tests that change it build their own."""
@@ -63,14 +72,33 @@ def test_tiny_build_forward_backward(tiny):
         labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100)
         model.zero_grad(set_to_none=True)
         model.train()
-        out = model(ids, torch.ones_like(ids), pixel_values=torch.randn(1, 3, 64, 64), labels=labels)
-        assert out.logits.shape == (2, ids.shape[1], model.llm.config.vocab_size)
+        pixels = torch.randn(1, 3, 64, 64)
+        out = model(ids, torch.ones_like(ids), pixel_values=pixels, labels=labels)
         assert torch.isfinite(out.loss)
         out.loss.backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
         assert model.llm.get_input_embeddings().weight.grad is not None
         assert all(p.grad is None for p in model.vision.parameters())  # frozen tower: no gradient computed
     model.zero_grad(set_to_none=True)
+
+
+def test_loss_equals_the_hugging_face_loss(tiny):
+    model, _ = tiny
+    model.eval()
+    n_tok = model.num_image_tokens
+    row0 = image_ids([1, 40], 1, n_tok, [50, 60, 2])
+    row1 = [1] + list(range(10, 10 + len(row0) - 3)) + [3, 3]  # text only, right-padded
+    ids = torch.tensor([row0, row1])
+    mask = (torch.arange(ids.shape[1]) < torch.tensor([[len(row0)], [len(row0) - 2]])).long()
+    labels = ids.masked_fill((ids == IMAGE_TOKEN_ID) | (mask == 0), -100)
+    labels[:, :3] = -100  # a masked prompt
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model(ids, mask, pixel_values=pixels, labels=labels).loss
+        reference = model.llm(inputs_embeds=model.embed(ids, pixels), attention_mask=mask, labels=labels).loss
+        logits = model(ids, mask, pixel_values=pixels).logits
+    torch.testing.assert_close(ours, reference)
+    assert logits.shape == (2, ids.shape[1], model.llm.config.vocab_size)
 
 
 @pytest.mark.parametrize("kind", ["conv", "mlp0x_gelu", "mlp2x_relu", "mlpx_gelu"])
@@ -359,6 +387,18 @@ def test_checkpoint_with_another_base_model_is_refused(tmp_path):
 def test_fingerprint_same_for_fp32_and_bf16_copies(tiny):
     model, _ = tiny
     assert weights_fingerprint(model.llm) == weights_fingerprint(build_llm("tiny", torch.bfloat16))
+    fp16 = build_llm("tiny", torch.float16)
+    assert weights_fingerprint(fp16) == weights_fingerprint(model.llm, via_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_checkpoint_trained_in_half_precision_loads(tmp_path, dtype):
+    model, tokenizer = build_model(dtype=dtype)  # training builds the base in its own dtype
+    config = mm_config_for(model, "tiny", "mlp2x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
+                           llm_fingerprint=weights_fingerprint(model.llm))
+    save_mm_checkpoint(tmp_path, config, tokenizer, model.projector.state_dict())
+    loaded, _, _ = load_checkpoint(tmp_path, dtype=dtype)
+    assert next(loaded.llm.parameters()).dtype == dtype
 
 
 def test_load_checkpoint_errors(tmp_path):

@@ -2,7 +2,8 @@
 ZeRO-3 on two ranks, command-line errors, and the outputs of a run.
 
 Most tests start scripts/pretrain.py or scripts/finetune.py as a subprocess, exactly as a user would; the
-rest call mm_moslora.train's functions directly.
+rest call mm_moslora.train's functions directly. Starting a script costs seconds of imports, so subprocesses
+run one torch thread each and, where a test needs two independent runs, both at once (two cores).
 """
 from __future__ import annotations
 
@@ -42,12 +43,31 @@ def data_flags(data: Path, data_file: str | Path = "finetune.json") -> list[str]
     return ["--data_path", str(data / data_file), "--image_folder", str(data / "images")]
 
 
-def run(cmd: list, cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{cmd[:3]} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
-                             f"--- stderr\n{proc.stderr[-8000:]}")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start(cmd: list, cwd: Path, name: str) -> subprocess.Popen:
+    """Start `cmd` in the background; its stdout/stderr go to files CWD/NAME.out and .err (a pipe could fill up)."""
+    logs = open(cwd / f"{name}.out", "w"), open(cwd / f"{name}.err", "w")
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=logs[0], stderr=logs[1], env=ENV)
+    proc.log_files = logs
     return proc
+
+
+def finish(proc: subprocess.Popen, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """Wait for a `start`ed command; its output as a CompletedProcess."""
+    proc.wait(timeout=TIMEOUT)
+    for log in proc.log_files:
+        log.close()
+    stdout, stderr = (Path(log.name).read_text() for log in proc.log_files)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{proc.args[:3]} exited with {proc.returncode}\n--- stdout\n{stdout[-3000:]}\n"
+                             f"--- stderr\n{stderr[-8000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run(cmd: list, cwd: Path, expect_ok: bool = True, name: str = "run") -> subprocess.CompletedProcess:
+    return finish(start(cmd, cwd, name), expect_ok)
 
 
 def finetune_cmd(*args) -> list:
@@ -70,28 +90,24 @@ def image_records(data: Path, n: int) -> list[dict]:
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(small_demo_data, tmp_path):
     flags = [*data_flags(small_demo_data), *FAST, "--max_steps", "6", "--save_steps", "2", "--lora_dropout", "0.1"]
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    with open(tmp_path / "reference.log", "w") as reference_log:
-        # Both start together: the one to be killed is only needed up to its first checkpoint.
-        reference = subprocess.Popen([str(c) for c in finetune_cmd(*flags, "--output_dir", reference_dir)],
-                                     cwd=tmp_path, stdout=reference_log, stderr=subprocess.STDOUT)
-        victim = subprocess.Popen([str(c) for c in finetune_cmd(*flags, "--output_dir", resumed_dir)],
-                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        latest = resumed_dir / "checkpoints" / "latest"
-        deadline = time.time() + TIMEOUT
-        while not (latest.is_file() and latest.read_text().strip() == "step-2"):
-            assert victim.poll() is None, f"the run ended (exit {victim.returncode}) before its step-2 checkpoint"
-            assert time.time() < deadline, "no step-2 checkpoint in time"
-            time.sleep(0.02)
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-        assert victim.returncode == -signal.SIGKILL
-        assert not (resumed_dir / "train_summary.json").exists()
-        (resumed_dir / "checkpoints" / "tmp-step-99").mkdir()  # as a save killed midway leaves it
+    # Both start together: the one to be killed is only needed up to its first checkpoint.
+    reference = start(finetune_cmd(*flags, "--output_dir", reference_dir), tmp_path, "reference")
+    victim = start(finetune_cmd(*flags, "--output_dir", resumed_dir), tmp_path, "victim")
+    latest = resumed_dir / "checkpoints" / "latest"
+    deadline = time.time() + TIMEOUT
+    while not (latest.is_file() and latest.read_text().strip() == "step-2"):
+        assert victim.poll() is None, f"the run ended (exit {victim.returncode}) before its step-2 checkpoint"
+        assert time.time() < deadline, "no step-2 checkpoint in time"
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert finish(victim, expect_ok=False).returncode == -signal.SIGKILL
+    assert not (resumed_dir / "train_summary.json").exists()
+    (resumed_dir / "checkpoints" / "tmp-step-99").mkdir()  # as a save killed midway leaves it
 
-        resumed = run(finetune_cmd(*flags, "--output_dir", resumed_dir), cwd=tmp_path)
-        assert re.search(r"resumed from \S+step-[24] \(step [24]\)", resumed.stderr), resumed.stderr[-3000:]
-        assert not (resumed_dir / "checkpoints" / "tmp-step-99").exists()
-        assert reference.wait(timeout=TIMEOUT) == 0, (tmp_path / "reference.log").read_text()[-5000:]
+    resumed = run(finetune_cmd(*flags, "--output_dir", resumed_dir), tmp_path, name="resumed")
+    assert re.search(r"resumed from \S+step-[24] \(step [24]\)", resumed.stderr), resumed.stderr[-3000:]
+    assert not (resumed_dir / "checkpoints" / "tmp-step-99").exists()
+    finish(reference)
 
     for name in INFERENCE_FILES:
         expected, got = load_file(str(reference_dir / name)), load_file(str(resumed_dir / name))
@@ -275,16 +291,21 @@ def test_deepspeed_config_errors_name_the_file_and_the_place(tmp_path):
     assert early["reduce_bucket_size"] == "auto" and early["stage"] == 3
 
 
-def test_a_config_conflict_stops_the_run_before_the_model_loads(tmp_path):
+def test_help_and_a_config_conflict_answer_before_any_model_loads(tmp_path):
     conflicting = tmp_path / "my_zero2.json"
     conflicting.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
     # The data file does not exist either: the config is checked first, so that error is the one reported.
-    proc = run(finetune_cmd("--deepspeed", conflicting, "--data_path", tmp_path / "missing.json",
-                            "--per_device_train_batch_size", "8", "--lora_r", "8", "--report_to", "none",
-                            "--output_dir", tmp_path / "out"), cwd=tmp_path, expect_ok=False)
-    assert proc.returncode != 0
-    assert "my_zero2.json: key 'train_micro_batch_size_per_gpu' is 4" in proc.stderr
-    assert "missing.json" not in proc.stderr
+    conflict = start(finetune_cmd("--deepspeed", conflicting, "--data_path", tmp_path / "missing.json",
+                                  "--per_device_train_batch_size", "8", "--lora_r", "8", "--report_to", "none",
+                                  "--output_dir", tmp_path / "out"), tmp_path, "conflict")
+    help_run = run([sys.executable, SCRIPTS / "pretrain.py", "--help"], tmp_path, name="help")
+    assert help_run.stdout.startswith("usage: pretrain.py")
+    for flag in ("--data_path", "--deepspeed", "--mm_projector_lr", "--bf16"):
+        assert flag in help_run.stdout
+    conflict_run = finish(conflict, expect_ok=False)
+    assert conflict_run.returncode != 0
+    assert "my_zero2.json: key 'train_micro_batch_size_per_gpu' is 4" in conflict_run.stderr
+    assert "missing.json" not in conflict_run.stderr and not (tmp_path / "out").exists()
 
 
 BAD_RECORDS = {  # index in the data file -> (id, what is wrong)
@@ -312,30 +333,29 @@ def write_data_with_bad_records(data: Path, path: Path, corrupt_image: Path | No
     return path
 
 
-def test_bad_records_are_all_reported_or_skipped(small_demo_data, tmp_path):
+def test_bad_records_stop_the_run_with_a_full_report_or_are_skipped(small_demo_data, tmp_path):
     data_file = write_data_with_bad_records(small_demo_data, tmp_path / "data.json")
-    proc = run(finetune_cmd(*data_flags(small_demo_data, data_file), *FAST, "--output_dir", tmp_path / "out"),
-               cwd=tmp_path, expect_ok=False)
-    assert proc.returncode != 0 and not (tmp_path / "out" / "train_summary.json").exists()
-    lines = proc.stderr.splitlines()
+    corrupt = tmp_path / "corrupt.png"  # a PNG cut short: it exists, validation passes, decoding fails
+    corrupt.write_bytes((small_demo_data / "images" / image_records(small_demo_data, 1)[0]["image"]).read_bytes()[:60])
+    skip_file = write_data_with_bad_records(small_demo_data, tmp_path / "skip.json", corrupt_image=corrupt)
+    # One epoch (16 usable records / 4 per step) draws every record, the corrupt image included.
+    skipping = start(finetune_cmd(*data_flags(small_demo_data, skip_file), *FAST, "--skip_bad_samples",
+                                  "--group_by_modality_length", "False", "--output_dir", tmp_path / "skip"),
+                     tmp_path, "skip")
+    strict = run(finetune_cmd(*data_flags(small_demo_data, data_file), *FAST, "--output_dir", tmp_path / "strict"),
+                 tmp_path, expect_ok=False, name="strict")
+
+    assert strict.returncode != 0 and not (tmp_path / "strict" / "train_summary.json").exists()
+    lines = strict.stderr.splitlines()
     for index, (record_id, _) in BAD_RECORDS.items():
         assert any(re.search(rf"\b{index}\b", line) and record_id in line for line in lines), \
-            f"record {index} ({record_id}) not reported:\n{proc.stderr[-3000:]}"
-    assert "--skip_bad_samples" in proc.stderr
+            f"record {index} ({record_id}) not reported:\n{strict.stderr[-3000:]}"
+    assert "--skip_bad_samples" in strict.stderr
 
-
-def test_skip_bad_samples_trains_and_counts_dropped_records_and_undecodable_images(small_demo_data, tmp_path):
-    corrupt = tmp_path / "corrupt.png"
-    corrupt.write_bytes((small_demo_data / "images" / image_records(small_demo_data, 1)[0]["image"]).read_bytes()[:60])
-    data_file = write_data_with_bad_records(small_demo_data, tmp_path / "data.json", corrupt_image=corrupt)
-    out = tmp_path / "out"
-    # One epoch (16 usable records / 4 per step) draws every record, the corrupt image included.
-    proc = run(finetune_cmd(*data_flags(small_demo_data, data_file), *FAST, "--skip_bad_samples",
-                            "--group_by_modality_length", "False", "--output_dir", out), cwd=tmp_path)
-    summary_line = next(line for line in proc.stdout.splitlines() if line.startswith(SUMMARY))
+    summary_line = next(line for line in finish(skipping).stdout.splitlines() if line.startswith(SUMMARY))
     assert "4 steps" in summary_line
     assert "1 images skipped" in summary_line and f"{len(BAD_RECORDS)} records dropped" in summary_line
-    summary = json.loads((out / "train_summary.json").read_text())
+    summary = json.loads((tmp_path / "skip" / "train_summary.json").read_text())
     assert summary["skipped_images"] == 1 and summary["dropped_records"] == len(BAD_RECORDS)
     assert summary["samples"] == 15  # 16 drawn, 1 skipped
 
@@ -372,13 +392,6 @@ def test_default_demo_data_run_writes_summary_tensorboard_and_learns(tmp_path):
         assert projector_lr == pytest.approx(adapter_lr / 10, rel=1e-5)
     for name in ("mm_config.json", "moslora_config.json", *INFERENCE_FILES):
         assert (out / name).is_file()
-
-
-def test_help_works_from_any_directory(tmp_path):
-    proc = run([sys.executable, SCRIPTS / "pretrain.py", "--help"], cwd=tmp_path)
-    assert proc.stdout.startswith("usage: pretrain.py")
-    for flag in ("--data_path", "--deepspeed", "--mm_projector_lr", "--bf16"):
-        assert flag in proc.stdout
 
 
 # ---------------------------------------------------------------- 6. learning rates

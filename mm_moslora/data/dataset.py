@@ -15,7 +15,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .conversation import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, to_messages,
+from .conversation import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, render, to_messages,
                            tokenize_conversation)
 from .images import ImageProcessor, load_image, resolve_image_path
 
@@ -125,7 +125,9 @@ def validate_records(records: list, path: str, tokenizer: PreTrainedTokenizerBas
         try:
             images = image_list(record)
             turns = normalized_conversations(record)
-            to_messages(turns)
+            messages = to_messages(turns)
+            if template != "chat_template":  # string work only: catches template rules (plain: one exchange)
+                render(messages, tokenizer, template)
         except ConversationError as err:
             add(str(err))
             continue

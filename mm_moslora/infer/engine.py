@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers.generation import BaseStreamer
 
 from ..adapters import unload_adapters
 from ..data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, build_generation_prompt, render
@@ -71,24 +72,44 @@ class _RowBudget(StoppingCriteria):
         return torch.tensor(self.budgets, device=input_ids.device) <= generated
 
 
-class _CallbackStreamer(TextStreamer):
-    """Hands decoded text pieces to `callback` as they are generated, cut at the first stop text."""
+class _CallbackStreamer(BaseStreamer):
+    """Hands the reply's new text to `callback` after every token, as generate produces them.
+
+    The whole reply is decoded each time and only its new tail is handed on, so pieces always add up to
+    the decoded text; a tail that may still change is held back: an incomplete multi-byte character,
+    or the beginning of an end-of-turn text. Nothing after an end-of-turn text is handed on.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, callback: Callable[[str], None], stop_texts: list[str]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.callback, self.stop_texts = callback, stop_texts
-        self.text, self.emitted, self.stopped = "", 0, False
+        self.tokenizer, self.callback, self.stop_texts = tokenizer, callback, stop_texts
+        self.token_ids: list[int] = []
+        self.emitted, self.stopped, self.prompt_seen = 0, False, False
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first puts the prompt ids (none when given inputs_embeds)
+            self.prompt_seen = True
+            return
+        self.token_ids.extend(value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
         if self.stopped:
             return
-        self.text = (self.text + text).lstrip()  # replies are stripped: so is their stream
-        cut = min((self.text.find(s) for s in self.stop_texts if s in self.text), default=-1)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).lstrip()  # replies are stripped
+        cut = min((text.find(s) for s in self.stop_texts if s in text), default=-1)
         if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-        if len(self.text) > self.emitted:
-            self.callback(self.text[self.emitted:])
-            self.emitted = len(self.text)
+            text, self.stopped = text[:cut], True
+        elif not final:
+            if text.endswith("\ufffd"):
+                return
+            held = max((k for s in self.stop_texts for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - held]
+        if len(text) > self.emitted:
+            self.callback(text[self.emitted:])
+            self.emitted = len(text)
 
 
 class InferenceEngine:
@@ -109,7 +130,8 @@ class InferenceEngine:
         self.stop_texts = end_of_turn_texts(tokenizer, conv_mode)
         # End-of-turn texts of one token stop like eos; longer ones through generate's `stop_strings`.
         encoded = {text: tokenizer.encode(text, add_special_tokens=False) for text in self.stop_texts}
-        self.stop_token_ids = sorted({tokenizer.eos_token_id} - {None} | {ids[0] for ids in encoded.values() if len(ids) == 1})
+        single_tokens = {ids[0] for ids in encoded.values() if len(ids) == 1}
+        self.stop_token_ids = sorted(single_tokens | ({tokenizer.eos_token_id} - {None}))
         self.stop_strings = [text for text, ids in encoded.items() if len(ids) > 1]
 
     @classmethod

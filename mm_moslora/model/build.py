@@ -70,14 +70,20 @@ def build_llm(model_name_or_path: str, dtype: torch.dtype = torch.float32, attn_
                                                 trust_remote_code=trust_remote_code)
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
+def weights_fingerprint(module: torch.nn.Module, via_dtype: torch.dtype | None = None) -> str:
     """Cheap identity of frozen weights (strided sample of every tensor), stored in checkpoints so an
-    adapter is never silently applied to a different base model."""
+    adapter is never silently applied to a different base model.
+
+    Samples are bf16-rounded, so the fp32 and bf16 builds of one model share a fingerprint. An fp16
+    build rounds differently: `via_dtype=torch.float16` fingerprints an fp32 build as its fp16 cast would be.
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         flat = tensor.detach().flatten()
-        # bf16-rounded, so the fp32 and bf16 builds of one model share a fingerprint
-        sample = flat[:: max(1, flat.numel() // 64)].to(torch.bfloat16).float().cpu()
+        sample = flat[:: max(1, flat.numel() // 64)]
+        if via_dtype is not None and sample.is_floating_point():
+            sample = sample.to(via_dtype)
+        sample = sample.to(torch.bfloat16).float().cpu()
         digest.update(name.encode())
         digest.update(f"{tuple(tensor.shape)}:{sample.sum().item():.6e}:{sample.abs().sum().item():.6e}".encode())
     return digest.hexdigest()[:16]
@@ -129,7 +135,9 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype | str = torch
     # Build in fp32 and cast once: merging and loading stay exact.
     llm = build_llm(llm_source, torch.float32, cfg.get("attn_implementation", "sdpa"))
     expected = cfg.get("llm_fingerprint")
-    if expected and not cfg.get("merged") and weights_fingerprint(llm) != expected:
+    # The training run fingerprinted its own build: fp32/bf16 (one fingerprint) or fp16.
+    if expected and not cfg.get("merged") and expected not in (weights_fingerprint(llm),
+                                                               weights_fingerprint(llm, via_dtype=torch.float16)):
         raise ValueError(f"{checkpoint_dir}: the base LM at {llm_source!r} is not the one this adapter was trained on "
                          f"(weights fingerprint differs)")
     vision = VisionTower(cfg["vision_tower"], cfg.get("vision_pretrained"), cfg["mm_vision_select_layer"],
