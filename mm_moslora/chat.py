@@ -169,7 +169,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quant.add_argument("--load-4bit", action="store_true", help="NF4 weights through bitsandbytes (GPU only)")
     quant.add_argument("--load-8bit", action="store_true", help="int8 weights through bitsandbytes (GPU only)")
     parser.add_argument("--allow-url", action="store_true", help="let --image and /image fetch http(s) URLs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.json and args.prompt is None:
+        parser.error("--json needs --prompt")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

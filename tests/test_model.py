@@ -7,10 +7,12 @@ import json
 import open_clip
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from mm_moslora.data.conversation import tokenize_conversation
+from mm_moslora.data.images import ImageProcessor
 from mm_moslora.model.build import (TINY_DIR, build_llm, build_model, load_checkpoint, mm_config_for,
                                     save_mm_checkpoint, weights_fingerprint)
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
@@ -276,6 +278,9 @@ def test_vision_tower_from_local_folder(tmp_path, weights_file):
     assert not torch.equal(tower.visual.conv1.weight, seeded_clip(0).visual.conv1.weight)
     assert tower.image_mean == (0.5, 0.5, 0.5) and tower.image_std == (0.25, 0.25, 0.25)
     assert tower.image_size == 64 and tower.num_tokens == 64
+    # The image processor follows the tower's own preprocessing: white -> (1 - 0.5) / 0.25.
+    pixels = ImageProcessor.for_tower(tower, "pad")(Image.new("RGB", (80, 80), (255, 255, 255)))
+    torch.testing.assert_close(pixels, torch.full((3, 64, 64), 2.0))
 
 
 def test_vision_tower_arch_colon_file(tmp_path):

@@ -202,11 +202,12 @@ def train(args: argparse.Namespace) -> dict:
     writer = None
     if rank == 0 and args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out_dir / "runs"))
+        # A resumed run hides what the interrupted one logged after its checkpoint: those steps are redone.
+        writer = SummaryWriter(str(out_dir / "runs"), purge_step=state["global_step"] + 1 if tag else None)
     bar = tqdm(total=total_steps, initial=state["global_step"], desc=args.stage, disable=rank != 0, dynamic_ncols=True)
     engine.train()
     loss_sum, loss_count, t_window, samples_window = 0.0, 0, time.time(), 0
-    t_start = time.time()
+    t_start, start_counts = time.time(), dict(state)  # throughput counts this session only, not resumed steps
     micro_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
     while state["global_step"] < total_steps:
         epoch, micro_in_epoch = divmod(state["micro_step"], micro_per_epoch)
@@ -243,13 +244,15 @@ def train(args: argparse.Namespace) -> dict:
                 if writer:
                     writer.add_scalar("train/loss", last_loss, step)
                     writer.add_scalar("train/lr", lr, step)
-                    for group, group_lr in zip(optimizer.param_groups, lrs):
-                        writer.add_scalar(f"train/lr_{group['name']}", group_lr, step)
+                    for index, (group, group_lr) in enumerate(zip(optimizer.param_groups, lrs)):
+                        writer.add_scalar(f"train/lr_{group.get('name', index)}", group_lr, step)
                     writer.add_scalar("train/samples_per_s", rate, step)
                 t_window, samples_window = time.time(), 0
             loss_sum, loss_count = 0.0, 0
             bar.update(1)
             if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
+                if writer:
+                    writer.flush()  # the logs up to a checkpoint survive a crash, like the checkpoint
                 save_training_checkpoint(engine, ckpt_dir, step, dict(state), write_inference_files,
                                          args.save_total_limit)
             if step >= total_steps:
@@ -264,8 +267,9 @@ def train(args: argparse.Namespace) -> dict:
     elapsed = time.time() - t_start
     summary = {"stage": args.stage, "steps": state["global_step"], "samples": state["samples"],
                "final_loss": round(state["last_loss"], 6), "train_seconds": round(elapsed, 1),
-               "samples_per_second": round(state["samples"] / max(elapsed, 1e-9), 2),
-               "tokens_per_second_per_device": round(state["tokens"] / max(elapsed, 1e-9)),
+               "samples_per_second": round((state["samples"] - start_counts["samples"]) / max(elapsed, 1e-9), 2),
+               "tokens_per_second_per_device": round((state["tokens"] - start_counts["tokens"]) / world_size
+                                                     / max(elapsed, 1e-9)),
                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
                "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                "skipped_images": state["skipped_images"], "dropped_records": len(report.bad_indices),
