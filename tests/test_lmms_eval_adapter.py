@@ -6,9 +6,9 @@ lmms_eval is imported unconditionally: without it these tests fail rather than s
 from __future__ import annotations
 
 import importlib.metadata
-import subprocess
-import sys
+import math
 
+import lmms_eval.models
 import pytest
 import torch
 from lmms_eval.api.instance import Instance
@@ -19,7 +19,7 @@ from mm_moslora.data.images import load_image
 from mm_moslora.infer import Request
 from mm_moslora.integrations import LMMS_EVAL_MODEL_NAME, lmms_eval_manifest
 from mm_moslora.integrations.lmms_eval import MMMoSLoRA, generation_settings
-from tests.helpers import make_images, make_tiny_checkpoint, single_thread, subprocess_env
+from tests.helpers import make_images, make_tiny_checkpoint, single_thread
 
 TASK, SPLIT = "toy", "test"
 
@@ -90,6 +90,14 @@ def test_generate_until_equals_engine(adapter, files):
     assert [r.args[1] for r in requests] == kwargs_of  # the tasks' gen_kwargs are left as they were
 
 
+def test_errors_name_the_document(adapter, files):
+    adapter.task_dict = {TASK: {SPLIT: [{"images": ["clip.mp4"]}, {"images": [files[1][0]]}]}}
+    with pytest.raises(ValueError, match="task 'toy' doc 0: doc_to_visual gave a str; mm_moslora answers from images"):
+        adapter.generate_until([instance("generate_until", ("Q?", {}, doc_to_visual, 0, TASK, SPLIT), 0)])
+    with pytest.raises(ValueError, match="doc 1: the context has 2 <image> placeholders but doc_to_visual gave 1"):
+        adapter.generate_until([instance("generate_until", ("<image> vs <image>?", {}, doc_to_visual, 1, TASK, SPLIT), 1)])
+
+
 def test_generation_settings():
     assert generation_settings({}) == ({"max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0}, [])
     assert generation_settings({"temperature": 0.7, "do_sample": False, "until": "\n"})[0]["temperature"] == 0.0
@@ -143,17 +151,14 @@ def reference_loglikelihood(engine, question: str, images: list, continuation: s
     return float(logprobs.gather(-1, targets[:, None]).sum()), bool((logprobs.argmax(-1) == targets).all())
 
 
-@pytest.mark.parametrize("conv_mode", ["vicuna_v1", "plain"])
-def test_loglikelihood_matches_training_path(adapter, files, conv_mode):
-    if conv_mode != adapter.engine.conv_mode:
-        adapter = MMMoSLoRA(pretrained=str(files[0]), device="cpu", dtype="fp32", batch_size=3, conv_mode=conv_mode)
+def test_loglikelihood_matches_training_path(adapter, files):
     engine, images = adapter.engine, files[1]
     docs = make_docs(images)
     adapter.task_dict = {TASK: {SPLIT: docs}}
     greedy = engine.generate([Request([{"role": "user", "content": expected_user_turn(d)}], d["images"])
                               for d in docs], max_new_tokens=3)
-    # Multiple-choice style requests (lm-eval's " " target delimiter in front), greedy and not, one
-    # doc_to_target-style callable, and a text-only document; batches of 3 mix lengths and image counts.
+    # Multiple-choice style requests (lm-eval's " " target delimiter in front), one doc_to_target-style
+    # callable, a text-only document; batches of 3 mix lengths and image counts.
     cases = [(0, " " + greedy[0]), (0, " blue"), (1, " " + greedy[1]), (1, " a red square"), (3, " " + greedy[3]),
              (5, " yes"), (4, lambda doc: " " + greedy[4])]
     requests = [instance("loglikelihood", (docs[i]["question"], target, doc_to_visual, i, TASK, SPLIT), i)
@@ -166,8 +171,26 @@ def test_loglikelihood_matches_training_path(adapter, files, conv_mode):
                                                           continuation.lstrip())
         assert logprob == pytest.approx(ref_logprob, abs=1e-3) and logprob < 0
         assert is_greedy == ref_greedy
-    if conv_mode == "plain":  # the reply follows the images directly: the engine's greedy answers are greedy here
-        assert [greedy for _, greedy in results] == [True, False, True, False, True, False, True]
+    assert len({round(logprob, 3) for logprob, _ in results}) == len(cases)
+
+
+def test_loglikelihood_of_a_uniform_model(files):
+    """With the final norm zeroed every logit is 0: each continuation token costs log(vocab), and greedy
+    decoding picks id 0 (<unk>) everywhere. The plain template puts the reply right after the images."""
+    adapter = MMMoSLoRA(pretrained=str(files[0]), device="cpu", dtype="fp32", batch_size=2, conv_mode="plain")
+    llm = adapter.engine.model.llm
+    with torch.no_grad():
+        llm.get_decoder().norm.weight.zero_()
+    token_cost = math.log(llm.get_output_embeddings().out_features)
+    docs = make_docs(files[1])
+    adapter.task_dict = {TASK: {SPLIT: docs}}
+    n_blue = len(adapter.engine.tokenizer.encode("blue", add_special_tokens=False))
+    cases = [(0, "<unk><unk><unk>", 3, True), (0, " blue", n_blue, False), (3, "<unk>", 1, True),
+             (5, " <unk><unk>", 2, True), (1, "", 0, True)]
+    requests = [instance("loglikelihood", ("Q?", target, doc_to_visual, i, TASK, SPLIT), i) for i, target, _, _ in cases]
+    results = adapter.loglikelihood(requests)
+    assert [greedy for _, greedy in results] == [greedy for *_, greedy in cases]
+    assert [logprob for logprob, _ in results] == pytest.approx([-n * token_cost for _, _, n, _ in cases], abs=1e-4)
 
 
 def test_model_args_and_cli_defaults(files):
@@ -186,14 +209,9 @@ def test_manifest_resolves_to_the_adapter():
 
 
 def test_installed_entry_point_registers_the_name():
-    """`--model mm_moslora` works once mm_moslora is installed: its entry point is declared in pyproject.toml."""
+    """`--model mm_moslora` works once mm_moslora is installed: its entry point is declared in pyproject.toml,
+    and lmms-eval's registry (built when lmms_eval.models was first imported) resolves the name."""
     points = importlib.metadata.entry_points(group="lmms_eval.models")
     assert [p.value for p in points if p.name == LMMS_EVAL_MODEL_NAME] == ["mm_moslora.integrations:lmms_eval_manifest"]
-    # A fresh interpreter, as the lmms-eval command starts: its registry is built on importing lmms_eval.models.
-    code = ("from lmms_eval.models import get_model, list_available_models; "
-            "assert 'mm_moslora' in list_available_models(); cls = get_model('mm_moslora'); "
-            "print(cls.__module__ + '.' + cls.__name__)")
-    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "mm_moslora.integrations.lmms_eval.MMMoSLoRA"
+    assert LMMS_EVAL_MODEL_NAME in lmms_eval.models.list_available_models()
+    assert lmms_eval.models.get_model(LMMS_EVAL_MODEL_NAME) is MMMoSLoRA

@@ -113,7 +113,7 @@ class MMMoSLoRA(lmms):
             raise ValueError(f"batch_size={batch_size!r}: give a positive number (batch_size=auto is not supported)")
         self._device = resolve_device(device)
         dtype = dtype or ("bf16" if self._device.type == "cuda" else "fp32")
-        self.engine = InferenceEngine.from_checkpoint(pretrained, device=self._device, dtype=dtype, merge=merge,
+        self.engine = InferenceEngine.from_checkpoint(str(pretrained), device=self._device, dtype=dtype, merge=merge,
                                                       conv_mode=conv_mode, quantize=quantize)
         self.batch_size_per_gpu = int(batch_size)
         self.truncate = bool(truncate)

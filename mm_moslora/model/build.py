@@ -56,13 +56,13 @@ def build_llm(model_name_or_path: str, dtype: torch.dtype = torch.float32, attn_
             config = AutoConfig.for_model(**json.loads((TINY_DIR / "llm_config.json").read_text()))
         else:
             config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-        config._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]), torch.device("cpu" if model_name_or_path == TINY else init_device):
             torch.manual_seed(init_seed)  # the tiny base is defined by its seed: rebuilt identically on load
             default_dtype = torch.get_default_dtype()
             torch.set_default_dtype(torch.float32 if model_name_or_path == TINY else dtype)
             try:
-                llm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+                llm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                         trust_remote_code=trust_remote_code)
             finally:
                 torch.set_default_dtype(default_dtype)
         return llm.to(dtype)
