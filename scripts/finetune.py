@@ -14,8 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mm_moslora.train.args import parse_args  # noqa: E402
-from mm_moslora.train.recipe import train  # noqa: E402
+from mm_moslora.train.args import parse_args  # noqa: E402  (light: --help and flag errors answer at once)
 
 if __name__ == "__main__":
-    train(parse_args("finetune"))
+    parsed = parse_args("finetune")
+    from mm_moslora.train.recipe import run
+
+    sys.exit(run(parsed))

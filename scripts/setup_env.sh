@@ -20,5 +20,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   echo "[setup] installing mm_moslora and its dependencies"
   "$py" -m pip install -q -e "$root[test]"
+  # lmms-eval's own dependencies are heavy (video, wandb, ...); its model API needs only these two.
+  "$py" -m pip install -q --no-deps "lmms-eval==0.7.3"
+  "$py" -m pip install -q loguru pytz
   echo "$want" > "$stamp"
 fi

@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import os
+import re
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +83,27 @@ def load_stage1_projector(model, path: str) -> None:
     load_projector_state(model.projector, state)
 
 
+def set_trainable(model, args: argparse.Namespace, dtype: torch.dtype) -> AdapterConfig | None:
+    """Freeze the LM, make the projector trainable as the stage asks, and (stage 2) inject the adapters.
+
+    Returns the AdapterConfig, or None in stage 1. Trainable afterwards: lora_A/lora_M/lora_B, the projector
+    (unless --freeze_mm_mlp_adapter) and the vision tower only with --unfreeze_mm_vision_tower.
+    """
+    model.llm.requires_grad_(False)
+    model.projector.requires_grad_(args.tune_mm_mlp_adapter or (args.stage == "finetune" and not args.freeze_mm_mlp_adapter))
+    if args.stage != "finetune":
+        return None
+    targets = args.lora_target_modules
+    if targets and re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", targets):  # plain names: a list; otherwise a regex
+        targets = [t.strip() for t in targets.split(",")]
+    config = AdapterConfig(adapter=args.adapter, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                           mixer_init=args.mixer_init, use_rslora=args.use_rslora, target_modules=targets,
+                           base_model=args.model_name_or_path)
+    torch.manual_seed(args.seed)  # adapter init does not depend on what was built before
+    inject_adapters(model.llm, config, dtype=dtype)
+    return config
+
+
 def gathered(named_params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """Full CPU copies of parameters, gathering ZeRO-3 partitions first (collective under ZeRO-3)."""
     import deepspeed
@@ -118,7 +141,6 @@ def train(args: argparse.Namespace) -> dict:
                                    args.attn_implementation, args.trust_remote_code, args.unfreeze_mm_vision_tower,
                                    random_init_llm=args.random_init_llm, init_device=device)
     llm_fingerprint = weights_fingerprint(model.llm)
-    model.llm.requires_grad_(False)
     if args.pretrain_mm_mlp_adapter:
         load_stage1_projector(model, args.pretrain_mm_mlp_adapter)
     elif args.stage == "finetune":
@@ -128,18 +150,7 @@ def train(args: argparse.Namespace) -> dict:
             log.info("loaded the stage-1 projector from %s", default_stage1)
         else:
             log.warning("no --pretrain_mm_mlp_adapter: the projector starts from random weights")
-    model.projector.requires_grad_(args.tune_mm_mlp_adapter or (args.stage == "finetune" and not args.freeze_mm_mlp_adapter))
-    adapter_config = None
-    if args.stage == "finetune":
-        targets = args.lora_target_modules
-        if targets and "," in targets:
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        adapter_config = AdapterConfig(adapter=args.adapter, r=args.lora_r, alpha=args.lora_alpha,
-                                       dropout=args.lora_dropout, mixer_init=args.mixer_init,
-                                       use_rslora=args.use_rslora, target_modules=targets,
-                                       base_model=args.model_name_or_path)
-        torch.manual_seed(args.seed)  # adapter init does not depend on what was built before
-        inject_adapters(model.llm, adapter_config, dtype=dtype)
+    adapter_config = set_trainable(model, args, dtype)
     if args.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info(format_parameter_report(model))
@@ -283,3 +294,17 @@ def train(args: argparse.Namespace) -> dict:
               f"{summary['dropped_records']} records dropped -> {out_dir}", flush=True)
     dist.barrier()
     return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of the scripts: train, and turn the errors a user can fix (a bad data record, config file or
+    path) into one message and exit status 1 instead of a traceback."""
+    from ..data.dataset import DataValidationError
+    from .ds_config import ConfigError
+
+    try:
+        train(args)
+    except (ConfigError, DataValidationError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
