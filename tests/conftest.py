@@ -4,6 +4,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny tensors: one thread is faster than two, and immune to other processes on a small machine.
+    (Subprocesses get the same through tests.helpers.subprocess_env.)"""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint_files(tmp_path_factory):
+    """(checkpoint folder, 4 PIL images): a tiny MoSLoRA checkpoint with non-trivial weights (tests.helpers)."""
+    from mm_moslora.data.images import load_image
+    from tests.helpers import make_images, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    return make_tiny_checkpoint(root / "ckpt"), [load_image(p) for p in make_images(root / "images", 4)]
 
 
 @pytest.fixture(scope="session")

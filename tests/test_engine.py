@@ -5,23 +5,15 @@ import pytest
 import torch
 
 from mm_moslora.adapters import adapter_modules
-from mm_moslora.data.images import load_image
 from mm_moslora.infer import InferenceEngine, PromptTooLongError, Request
-from tests.helpers import QUESTIONS, make_images, make_tiny_checkpoint, single_thread
+from tests.helpers import QUESTIONS
 
 MAX_NEW = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    return make_tiny_checkpoint(root / "ckpt"), [load_image(p) for p in make_images(root / "images", 4)]
+def files(tiny_checkpoint_files):
+    return tiny_checkpoint_files
 
 
 @pytest.fixture(scope="module")

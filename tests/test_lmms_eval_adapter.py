@@ -15,25 +15,16 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.models.registry_v2 import ModelRegistryV2
 
 from mm_moslora.data.conversation import IGNORE_INDEX, tokenize_conversation
-from mm_moslora.data.images import load_image
 from mm_moslora.infer import Request
 from mm_moslora.integrations import LMMS_EVAL_MODEL_NAME, lmms_eval_manifest
 from mm_moslora.integrations.lmms_eval import MMMoSLoRA, generation_settings
-from tests.helpers import make_images, make_tiny_checkpoint, single_thread
 
 TASK, SPLIT = "toy", "test"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lmms_eval")
-    return make_tiny_checkpoint(root / "ckpt"), [load_image(p) for p in make_images(root / "images", 4)]
+def files(tiny_checkpoint_files):
+    return tiny_checkpoint_files
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,6 @@ from mm_moslora.model.vision import TINY_VISION_NAME, VisionTower, register_tiny
 TINY_CLIP_CFG = json.loads((TINY_DIR / f"{TINY_VISION_NAME}.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one thread is faster than two, and immune to other processes on a small machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tokenizer) of the built-in tiny default; tests that change it build their own."""

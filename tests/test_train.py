@@ -35,8 +35,6 @@ TIMEOUT = 420
 FAST = ["--lora_r", "8", "--lora_alpha", "16", "--per_device_train_batch_size", "4", "--report_to", "none"]
 SUMMARY = "[mm_moslora] finetune done:"
 INFERENCE_FILES = ("moslora_adapter.safetensors", "mm_projector.safetensors")
-# ZeRO-2 on two ranks doubles the multi-rank cost: run it with MM_MOSLORA_SLOW_TESTS=1.
-SLOW = pytest.mark.skipif(not os.environ.get("MM_MOSLORA_SLOW_TESTS"), reason="set MM_MOSLORA_SLOW_TESTS=1")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one torch thread per subprocess
 
 
@@ -210,7 +208,7 @@ def fresh_trainable_shapes(lora_r: int) -> tuple[dict, dict]:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: CPU ranks)")
-@pytest.mark.parametrize("config", ["zero3", pytest.param("zero2", marks=SLOW)])
+@pytest.mark.parametrize("config", ["zero3", "zero2"])
 def test_two_ranks_save_the_full_gathered_weights(config, small_demo_data, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

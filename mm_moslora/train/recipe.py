@@ -115,8 +115,6 @@ def gathered(named_params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, to
 
 # ---------------------------------------------------------------- the recipe
 def train(args: argparse.Namespace) -> dict:
-    import deepspeed
-
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rank, world_size, device = init_distributed()
     logging.getLogger("mm_moslora").setLevel(logging.INFO if rank == 0 else logging.WARNING)
