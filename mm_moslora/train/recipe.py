@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..adapters import AdapterConfig, adapter_state_dict, format_parameter_report, inject_adapters
+from ..adapters import AdapterConfig, format_parameter_report, inject_adapters
 from ..data.collate import collate, epoch_batches
 from ..data.dataset import LlavaDataset, load_llava_data
 from ..data.images import ImageProcessor
@@ -176,7 +176,6 @@ def train(args: argparse.Namespace) -> dict:
         total_steps=total_steps, micro_batch=args.per_device_train_batch_size,
         grad_accum=args.gradient_accumulation_steps, world_size=world_size, bf16=args.bf16, fp16=args.fp16,
         max_grad_norm=args.max_grad_norm, device=device)
-    zero3 = engine.zero_optimization_stage() == 3
 
     mm_config = mm_config_for(model, args.model_name_or_path, args.mm_projector_type,
                               "plain" if args.stage == "pretrain" else args.template, args.image_aspect_ratio,
@@ -186,17 +185,12 @@ def train(args: argparse.Namespace) -> dict:
         projector = gathered(list(engine.module.projector.named_parameters()))
         adapter = None
         if adapter_config is not None:
-            named = [(n, p) for n, p in engine.module.llm.named_parameters() if "lora_" in n]
-            adapter = (adapter_config, adapter_state_dict_from(named))
+            named = [(n, p) for n, p in engine.module.llm.named_parameters() if ".lora_" in n]
+            adapter = (adapter_config, gathered(named))
         vision = (gathered(list(engine.module.vision.visual.named_parameters()))
                   if args.unfreeze_mm_vision_tower else None)
         if rank == 0:
             save_mm_checkpoint(folder, mm_config, tokenizer, projector, adapter, vision)
-
-    def adapter_state_dict_from(named):
-        full = gathered(named)
-        expected = set(adapter_state_dict(engine.module.llm)) if not zero3 else set(full)
-        return {k: v for k, v in full.items() if k in expected}
 
     # Resume: model, optimizer, scheduler, RNG and data position.
     # Counters are totals over all ranks; last_loss is kept so a run resumed at its end still reports it.
@@ -230,10 +224,11 @@ def train(args: argparse.Namespace) -> dict:
             generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
         for batch in loader:
             loss, n_samples, n_tokens = train_micro_step(engine, batch, device, tokenizer.pad_token_id)
-            counts = torch.tensor([n_samples, batch["n_skipped"], n_tokens], dtype=torch.long, device=device)
-            if world_size > 1:
-                dist.all_reduce(counts)  # ranks skip different images
-            n_samples, n_skipped, n_tokens = counts.tolist()
+            n_skipped = batch["n_skipped"]
+            if world_size > 1:  # ranks skip different images; a single process needs no device round trip
+                counts = torch.tensor([n_samples, n_skipped, n_tokens], dtype=torch.long, device=device)
+                dist.all_reduce(counts)
+                n_samples, n_skipped, n_tokens = counts.tolist()
             state["samples"] += n_samples
             state["skipped_images"] += n_skipped
             state["tokens"] += n_tokens
