@@ -65,12 +65,12 @@ class DemoError(RuntimeError):
 
 
 # ---------------------------------------------------------------- running commands
-def subprocess_env(threads: int | None) -> dict:
+def subprocess_env(threads: int) -> dict:
+    """The environment of every step: the checkout importable, `threads` torch threads."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -94,6 +94,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def deepspeed_launcher() -> str | None:
@@ -147,31 +151,75 @@ def answers_complete(answers_file: Path, question_ids: list) -> bool:
     return done >= {json.dumps(q) for q in question_ids}
 
 
-def evaluate_benchmark(name: str, info: dict, data_dir: Path, checkpoint: Path, out_dir: Path, batch_size: int,
-                       env: dict) -> dict:
-    """Answer the benchmark's questions (resumable) and score them; also score the majority-answer baseline
-    with the same scorer. Returns {"questions", "answers", "scores", "baseline_scores"}."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    question_file = data_dir / info["question_file"]
-    questions = [json.loads(line) for line in question_file.read_text().splitlines() if line.strip()]
-    answers_file = out_dir / "answers.jsonl"
-    if not answers_complete(answers_file, [q["question_id"] for q in questions]):
-        run([sys.executable, str(REPO_ROOT / "eval" / "run_vqa.py"), "--model", str(checkpoint),
-             "--question-file", str(question_file), "--image-folder", str(data_dir / "images"),
-             "--answers-file", str(answers_file), "--batch-size", str(batch_size), "--temperature", "0",
-             "--max-new-tokens", str(MAX_NEW_TOKENS)], env, f"run_vqa on {name}")
-    else:
-        print(f"[demo] {answers_file}: complete, reused", flush=True)
-    answers = {json.dumps(a["question_id"]): a for a in map(json.loads, answers_file.read_text().splitlines())}
+def answer_benchmarks(jobs: list[tuple[str, list[str], Path]], env: dict, workers: int) -> dict[str, float]:
+    """Run the run_vqa commands `jobs` = [(benchmark, cmd, log file)], `workers` at a time (their output goes to
+    the log files). Returns {benchmark: seconds}. On a failure the others are stopped and the log's end is shown."""
+    pending, running, seconds = list(jobs), [], {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                name, cmd, log = pending.pop(0)
+                print("$ " + " ".join(_quote(c) for c in cmd) + f"  > {log}", flush=True)
+                handle = log.open("w")
+                proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+                running.append((name, proc, handle, log, time.time()))
+            time.sleep(0.1)
+            for item in list(running):
+                name, proc, handle, log, start = item
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                running.remove(item)
+                if proc.returncode != 0:
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                    raise DemoError(f"run_vqa on {name} failed (exit status {proc.returncode}); log {log}:\n{tail}")
+                seconds[name] = round(time.time() - start, 1)
+                print(f"[demo] {name}: answered in {seconds[name]:.1f} s", flush=True)
+    finally:
+        for _, proc, handle, _, _ in running:  # only after a failure or an interrupt
+            proc.terminate()
+            proc.wait()
+            handle.close()
+    return seconds
 
-    baseline = majority_answers(data_dir / "finetune.json", questions)
-    baseline_file = out_dir / "majority_baseline.jsonl"
-    baseline_file.write_text("".join(json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": a,
-                                                  "metadata": {**q.get("metadata", {}), "category": q.get("category")}})
-                                     + "\n" for q, a in zip(questions, baseline)))
-    return {"questions": questions, "answers": answers,
-            "scores": score(name, info, data_dir, answers_file, env),
-            "baseline_scores": score(name, info, data_dir, baseline_file, env)}
+
+def evaluate(index: dict, data_dir: Path, checkpoint: Path, out_dir: Path, batch_size: int, env: dict,
+             workers: int) -> dict[str, dict]:
+    """Answer every benchmark's questions (resuming incomplete answers files) and score the answers, and the
+    majority-answer baseline, with eval/score.py. Returns {benchmark: {"questions", "answers", "scores",
+    "baseline_scores"}}."""
+    questions, jobs = {}, []
+    for name, info in index["benchmarks"].items():
+        bench_dir = out_dir / name
+        bench_dir.mkdir(parents=True, exist_ok=True)
+        question_file = data_dir / info["question_file"]
+        questions[name] = [json.loads(line) for line in question_file.read_text().splitlines() if line.strip()]
+        answers_file = bench_dir / "answers.jsonl"
+        if answers_complete(answers_file, [q["question_id"] for q in questions[name]]):
+            print(f"[demo] {answers_file}: complete, reused", flush=True)
+            continue
+        jobs.append((name, [sys.executable, str(REPO_ROOT / "eval" / "run_vqa.py"), "--model", str(checkpoint),
+                            "--question-file", str(question_file), "--image-folder", str(data_dir / "images"),
+                            "--answers-file", str(answers_file), "--batch-size", str(batch_size),
+                            "--temperature", "0", "--max-new-tokens", str(MAX_NEW_TOKENS)],
+                     bench_dir / "run_vqa.log"))
+    answer_benchmarks(jobs, env, workers)
+
+    results = {}
+    for name, info in index["benchmarks"].items():
+        bench_dir = out_dir / name
+        answers_file = bench_dir / "answers.jsonl"
+        answers = {json.dumps(a["question_id"]): a for a in map(json.loads, answers_file.read_text().splitlines())}
+        baseline_file = bench_dir / "majority_baseline.jsonl"
+        baseline = majority_answers(data_dir / "finetune.json", questions[name])
+        baseline_file.write_text("".join(
+            json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": answer,
+                        "metadata": {**q.get("metadata", {}), "category": q.get("category")}}) + "\n"
+            for q, answer in zip(questions[name], baseline)))
+        results[name] = {"questions": questions[name], "answers": answers,
+                         "scores": score(name, info, data_dir, answers_file, env),
+                         "baseline_scores": score(name, info, data_dir, baseline_file, env)}
+    return results
 
 
 def majority_answers(finetune_json: Path, questions: list[dict]) -> list[str]:
@@ -277,7 +325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=["auto", "deepspeed", "python"], default="auto",
                         help="how to start training (auto: deepspeed when its launcher is installed)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS for every step (default: the environment's, else torch's choice)")
+                        help="CPU threads (default: $OMP_NUM_THREADS, else every usable core); the evaluation "
+                             "answers several benchmarks at once, one thread each")
     args = parser.parse_args(argv)
     preset = "quick" if args.quick else "full"
     args.out = args.out or REPO_ROOT / "outputs" / (f"demo-{args.adapter}" + ("-quick" if args.quick else ""))
@@ -290,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     out, data_dir = args.out.resolve(), args.data.resolve()
-    env = subprocess_env(args.threads)
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or usable_cpus()
+    env = subprocess_env(threads)
     launcher = args.launcher
     if launcher == "auto":
         launcher = "deepspeed" if deepspeed_launcher() else "python"
@@ -341,12 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = out / "finetune"
 
         index = json.loads((data_dir / "eval" / "index.json").read_text())
-        evals = {}
-        t_eval = time.time()
-        for name, info in index["benchmarks"].items():
-            evals[name] = timed(f"eval {name}", evaluate_benchmark, name, info, data_dir, checkpoint,
-                                out / "eval" / name, preset["eval_batch_size"], env)
-        timings["eval (all)"] = round(time.time() - t_eval, 1)
+        workers = max(1, min(usable_cpus(), len(index["benchmarks"])))  # a process per core: imports parallelize too
+        evals = timed("eval", evaluate, index, data_dir, checkpoint, out / "eval", preset["eval_batch_size"],
+                      subprocess_env(max(1, threads // workers)), workers)
 
         chat_file = out / "chat.json"
         if chat_file.is_file():
@@ -366,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
                    settings={k: preset[k] for k in ("data", "pretrain", "finetune")})
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    print("\n==== chat: python -m mm_moslora.chat --model", checkpoint, "--image", chat["image"], "--prompt ...")
+    if timings["chat"]:
+        print("\n==== chat: python -m mm_moslora.chat --model", checkpoint, "--image", chat["image"], "--prompt ...")
+    else:
+        print(f"\n==== chat (answer of an earlier run, {chat_file})")
     print(f"USER: {chat['prompt'].replace(SHORT_ANSWER_SUFFIX, '')}")
     print(f"ASSISTANT: {chat['answer']}    (expected: {chat['expected']}"
           f"{', a held-out colour-shape combination' if chat.get('held_out') else ''})")
