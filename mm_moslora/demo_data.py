@@ -464,16 +464,25 @@ def _holds(a: SceneObject, b: SceneObject, axis: str, smaller: bool) -> bool:
     return va < vb if smaller else va > vb
 
 
-def ask_position(scene: Scene, rng, focus: int | None = None, want: bool | None = None) -> QA | None:
-    """"Is the <A> left of / right of / above / below the <B>?" for two objects clearly apart along
-    that axis; None for one-object scenes."""
+def _pick_separated_pair(scene: Scene, rng, focus: int | None):
+    """(A, B, axis) for two objects clearly apart along the axis, preferring pairs with object `focus`;
+    None for one-object scenes."""
     pairs = _separated_pairs(scene)
     if focus is not None:
         pairs = [p for p in pairs if focus in p[:2]] or pairs
     if not pairs:
         return None
     i, j, axis = _pick(rng, pairs)
-    a, b = scene.objects[i], scene.objects[j]
+    return scene.objects[i], scene.objects[j], axis
+
+
+def ask_position(scene: Scene, rng, focus: int | None = None, want: bool | None = None) -> QA | None:
+    """"Is the <A> left of / right of / above / below the <B>?" for two objects clearly apart along
+    that axis; None for one-object scenes."""
+    picked = _pick_separated_pair(scene, rng, focus)
+    if picked is None:
+        return None
+    a, b, axis = picked
     yes = _want(rng, want)
     rel = _pick(rng, [r for r, (ax, sm) in _RELATIONS.items()
                       if ax == axis and _holds(a, b, ax, sm) == yes])
@@ -484,13 +493,10 @@ def ask_position(scene: Scene, rng, focus: int | None = None, want: bool | None 
 
 def ask_position_which(scene: Scene, rng, focus: int | None = None) -> QA | None:
     """"Which is further left, the <A> or the <B>?" (answer "<colour> <shape>")."""
-    pairs = _separated_pairs(scene)
-    if focus is not None:
-        pairs = [p for p in pairs if focus in p[:2]] or pairs
-    if not pairs:
+    picked = _pick_separated_pair(scene, rng, focus)
+    if picked is None:
         return None
-    i, j, axis = _pick(rng, pairs)
-    a, b = scene.objects[i], scene.objects[j]
+    a, b, axis = picked
     word = _pick(rng, [w for w, (ax, _) in _WHICH.items() if ax == axis])
     ax, smaller = _WHICH[word]
     winner = a if _holds(a, b, ax, smaller) else b
