@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--gradient_checkpointing", action="store_true")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--deepspeed", default=str(Path(__file__).resolve().parent.parent / "deepspeed_configs" / "zero2.json"))
+    ap.add_argument("--profile", metavar="DIR", help="after timing, profile one more step with torch.profiler and "
+                    "write its op tables (by GPU and by CPU time) to DIR")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -118,6 +120,24 @@ def main():
               "trainable_m": round(trainable / 1e6, 1), "loss": round(float(loss), 4)}
     if rank == 0:
         print("BENCH " + json.dumps(result), flush=True)
+    if args.profile:
+        profile_step(lambda: train_micro_step(engine, batch, device, tokenizer.pad_token_id), sync,
+                     Path(args.profile) / f"{args.adapter}-rank{rank}")
+
+
+def profile_step(step, sync, out: Path) -> None:
+    """One step under torch.profiler -> out.cuda.txt / out.cpu.txt: op tables by self GPU / CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    averages = prof.key_averages()
+    if torch.cuda.is_available():
+        out.with_suffix(".cuda.txt").write_text(averages.table(sort_by="self_cuda_time_total", row_limit=60))
+    out.with_suffix(".cpu.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=60))
 
 
 if __name__ == "__main__":

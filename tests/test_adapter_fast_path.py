@@ -1,5 +1,6 @@
 """The training path of MoSLoRALinear (LowRankBranch: dropout mask replayed in backward, nothing but r-wide
-tensors saved) against the plain reference formula y = Wx + b + s·B(M(A·dropout(x))), forward and gradients."""
+tensors saved; the frozen base layer fused in or computed outside) against the plain reference formula
+y = Wx + b + s·B(M(A·dropout(x))), forward and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,10 +10,14 @@ from mm_moslora.adapters.moslora import MoSLoRALinear
 
 @pytest.mark.parametrize("adapter", ["moslora", "lora"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fast_path_matches_reference_formula(adapter, p):
+@pytest.mark.parametrize("fuse_base", [True, False])
+def test_fast_path_matches_reference_formula(adapter, p, fuse_base, monkeypatch):
     torch.manual_seed(0)
     base = torch.nn.Linear(24, 20)
     layer = MoSLoRALinear(base, r=6, alpha=12, dropout=p, adapter=adapter)
+    if not fuse_base:  # what ZeRO-3 partitions, quantized bases and autocast take
+        monkeypatch.setattr(layer, "_can_fuse_base", lambda x: False)
+    assert layer._can_fuse_base(torch.zeros(1, 24)) is fuse_base
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 7, 24, requires_grad=True)
     params = [x, layer.lora_A, layer.lora_B] + ([layer.lora_M] if layer.lora_M is not None else [])
@@ -43,3 +48,15 @@ def test_dropout_masks_differ_between_calls_but_replay_within_one():
     assert not torch.equal(layer(x), layer(x))  # fresh masks per call in training mode
     layer.eval()
     assert torch.equal(layer(x), layer(x))  # no dropout at eval
+
+
+def test_base_is_fused_only_when_it_is_a_whole_frozen_weight():
+    layer = MoSLoRALinear(torch.nn.Linear(8, 8), r=2, alpha=4)
+    x = torch.randn(2, 8)
+    assert layer._can_fuse_base(x)
+    assert not layer._can_fuse_base(x.double())             # dtypes differ
+    layer.base.weight.ds_id = 7                              # a ZeRO-3 partition: only its module's hooks gather it
+    assert not layer._can_fuse_base(x)
+    del layer.base.weight.ds_id
+    layer.base.weight.requires_grad_(True)                  # a trainable base needs its own gradient
+    assert not layer._can_fuse_base(x)

@@ -422,3 +422,13 @@ def test_mm_projector_lr_gets_its_own_optimizer_group():
     for module in model.llm.modules():
         module.requires_grad_(False)
     assert [g["name"] for g in param_groups(model, 1e-3, None, 0.0)] == ["projector"]
+
+
+def test_a_diverging_run_stops_with_a_clear_error(small_demo_data, tmp_path):
+    """No per-gradient overflow scan in bf16 (see deepspeed_configs): a NaN loss must stop the run instead."""
+    proc = run(finetune_cmd(*data_flags(small_demo_data), *FAST, "--learning_rate", "1e30", "--mm_projector_lr",
+                            "1e30", "--max_steps", "8", "--output_dir", tmp_path / "out"),
+               tmp_path, expect_ok=False, name="diverge")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "training diverged" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "train_summary.json").exists()

@@ -157,9 +157,16 @@ class MoSLoRALinear(nn.Module):
         if self.merged:
             return y
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+        if torch.is_grad_enabled() and self._can_fuse_base(x):
+            # Base layer inside the branch: its input gradient and the adapter's come out of one GEMM.
+            return LowRankBranch.apply(x, None, self.base.weight, self.base.bias, self.lora_A, self.lora_M,
+                                       self.lora_B, self.scaling, p)
+        y = self.base(x)
+        if self.merged:
+            return y
         h = x.to(self.lora_A.dtype)
         if torch.is_grad_enabled():
-            return LowRankBranch.apply(y, h, self.lora_A, self.lora_M, self.lora_B, self.scaling, p)
+            return LowRankBranch.apply(h, y, None, None, self.lora_A, self.lora_M, self.lora_B, self.scaling, p)
         h = F.dropout(h, p, True) if p > 0 else h
         h = F.linear(h, self.lora_A)                   # (..., r)
         if self.lora_M is not None:
@@ -167,6 +174,15 @@ class MoSLoRALinear(nn.Module):
         h = F.linear(h * self.scaling, self.lora_B)    # scale the r-wide tensor, cheaper than the d_out-wide one
         # Back to the base output's dtype (x's dtype, except under autocast where both follow the autocast dtype).
         return y + h.to(y.dtype)
+
+    def _can_fuse_base(self, x: torch.Tensor) -> bool:
+        """The frozen base can be computed inside LowRankBranch: a plain nn.Linear whose weight is a whole,
+        frozen tensor (not a ZeRO-3 partition, which only the base module's own hooks gather), everything in
+        one dtype and no autocast (which the base layer would follow and the branch would not)."""
+        weight = self.base.weight
+        return (not self.merged and type(self.base) is nn.Linear and not weight.requires_grad
+                and not hasattr(weight, "ds_id") and x.dtype == weight.dtype == self.lora_A.dtype
+                and not torch.is_autocast_enabled(x.device.type))
 
     def folded_A(self) -> torch.Tensor:
         """M·A in fp32, (r, d_in): the down-projection of the equivalent plain LoRA."""
@@ -215,50 +231,65 @@ def _replay_dropout(t: torch.Tensor, p: float, state) -> torch.Tensor:
 
 
 class LowRankBranch(torch.autograd.Function):
-    """y + s·B·M·A·dropout(x) for training, lean on time and activation memory.
+    """W·x + b + s·B·M·A·dropout(x) for training, lean on time and activation memory.
 
+    Two forms: given the frozen base weight W (and bias b), the base layer is computed here too, so that in
+    backward its input gradient and the adapter's come out of one GEMM (g·W + the adapter's term in the epilogue)
+    instead of two tensors that autograd then adds; given the base output y instead (ZeRO-3 partitions,
+    quantized or trainable bases, autocast), only the branch is computed and y is added to it.
     - The mixer is folded into A once per call (A' = M·A: r·r·d_in FLOPs, against N·r·r per token when applied
       to activations), so MoSLoRA costs per token what LoRA does; gradients of A and M follow from A'
-      (dA = Mᵀ·dA', dM = dA'·Aᵀ).
-    - The base output y is added in the epilogue of the last matmul (addmm) instead of a separate add.
-    - Saved for backward: x itself (the same tensor the frozen base layer and the sibling projections of
-      q/k/v or gate/up receive, so it costs nothing extra), the r-wide A'·x, and an RNG state: the dropout
-      mask is regenerated in backward instead of storing a masked copy of x per module, which is what makes
-      LoRA fine-tuning run out of memory without activation checkpointing.
-    Shapes: y (..., d_out), x (..., d_in), A (r, d_in), M (r, r) or None (plain LoRA), B (d_out, r) -> (..., d_out).
+      (dA = Mᵀ·dA', dM = dA'·Aᵀ). A' is kept for backward (r×d_in, small) rather than recomputed.
+    - The base output is added in the epilogue of the last matmul (addmm) instead of a separate add.
+    - Saved for backward: x itself (the same tensor the sibling projections of q/k/v or gate/up receive, so it
+      costs nothing extra), the r-wide A'·x, and an RNG state: the dropout mask is regenerated in backward
+      instead of storing a masked copy of x per module, which is what makes LoRA fine-tuning run out of memory
+      without activation checkpointing.
+    Shapes: x (..., d_in), y (..., d_out) or None, W (d_out, d_in) or None, b (d_out) or None, A (r, d_in),
+    M (r, r) or None (plain LoRA), B (d_out, r) -> (..., d_out).
     """
 
     @staticmethod
-    def forward(ctx, y, x, A, M, B, scaling: float, p: float):
+    def forward(ctx, x, y, W, b, A, M, B, scaling: float, p: float):
+        x2 = x.reshape(-1, x.shape[-1])                                    # (N, d_in)
+        if W is not None:
+            y2 = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
+        else:
+            y2 = y.reshape(-1, y.shape[-1]).to(B.dtype)
         state = _rng_state(x.device) if p > 0 else None
-        h = F.dropout(x, p, True) if p > 0 else x
+        h = F.dropout(x2, p, True) if p > 0 else x2
         A_eff = M @ A if M is not None else A
-        u = h.reshape(-1, h.shape[-1]) @ A_eff.t()                         # (N, r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(B.dtype), u, B.t(), alpha=scaling)
-        ctx.save_for_backward(x, A, M, B, u)
-        ctx.scaling, ctx.p, ctx.rng, ctx.y_dtype = scaling, p, state, y.dtype
-        return out.reshape(*y.shape[:-1], B.shape[0]).to(y.dtype)
+        u = h @ A_eff.t()                                                  # (N, r)
+        out = torch.addmm(y2, u, B.t(), alpha=scaling)                     # (N, d_out)
+        ctx.save_for_backward(x, W, A, M, A_eff if M is not None else None, B, u)
+        ctx.scaling, ctx.p, ctx.rng = scaling, p, state
+        out_dtype = x.dtype if W is not None else y.dtype
+        return out.reshape(*x.shape[:-1], B.shape[0]).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, A, M, B, u = ctx.saved_tensors
+        x, W, A, M, A_eff, B, u = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(B.dtype)
-        grad_B = (g.t() @ u) * s if ctx.needs_input_grad[4] else None
+        A_eff = A if M is None else A_eff
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(B.dtype)           # (N, d_out)
+        grad_B = (g.t() @ u) * s if ctx.needs_input_grad[6] else None
         gu = (g @ B) * s                                                   # (N, r)
-        A_eff = M @ A if M is not None else A
         grad_A = grad_M = grad_x = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            h = _replay_dropout(x, p, ctx.rng) if p > 0 else x
-            grad_A_eff = gu.t() @ h.reshape(-1, h.shape[-1])               # (r, d_in)
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            x2 = x.reshape(-1, x.shape[-1])
+            h = _replay_dropout(x2, p, ctx.rng) if p > 0 else x2
+            grad_A_eff = gu.t() @ h                                        # (r, d_in)
             if M is None:
                 grad_A = grad_A_eff
             else:
-                grad_A = M.t() @ grad_A_eff if ctx.needs_input_grad[2] else None
-                grad_M = grad_A_eff @ A.t() if ctx.needs_input_grad[3] else None
-        if ctx.needs_input_grad[1]:
-            grad_x = (gu @ A_eff).reshape(*x.shape[:-1], A.shape[1])
+                grad_A = M.t() @ grad_A_eff if ctx.needs_input_grad[4] else None
+                grad_M = grad_A_eff @ A.t() if ctx.needs_input_grad[5] else None
+        if ctx.needs_input_grad[0]:
+            grad_x = gu @ A_eff                                            # (N, d_in)
             if p > 0:
                 grad_x = _replay_dropout(grad_x, p, ctx.rng)
-        grad_y = grad_out if ctx.needs_input_grad[0] else None
-        return grad_y, grad_x, grad_A, grad_M, grad_B, None, None
+            if W is not None:  # the base layer's input gradient, with the adapter's added in the epilogue
+                grad_x = torch.addmm(grad_x.to(g.dtype), g, W)
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        grad_y = grad_out if W is None and ctx.needs_input_grad[1] else None
+        return grad_x, grad_y, None, None, grad_A, grad_M, grad_B, None, None
