@@ -4,6 +4,7 @@ y = Wx + b + s·B(M(A·dropout(x))), forward and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_moslora.adapters.moslora import MoSLoRALinear
 
@@ -60,3 +61,29 @@ def test_base_is_fused_only_when_it_is_a_whole_frozen_weight():
     del layer.base.weight.ds_id
     layer.base.weight.requires_grad_(True)                  # a trainable base needs its own gradient
     assert not layer._can_fuse_base(x)
+
+
+class _MatmulsOnStorage(TorchDispatchMode):
+    """Counts the matrix products that read the storage of `tensor` (views such as Wᵀ included)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__()
+        self.storage, self.count = tensor.untyped_storage().data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.count += any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == self.storage
+                              for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fuse_base", [True, False])
+def test_the_frozen_weight_enters_two_matmuls_per_training_step(fuse_base, monkeypatch):
+    """One for the output and one for the input gradient: the 7B-scale GEMMs dominate a step's time."""
+    layer = MoSLoRALinear(torch.nn.Linear(32, 24, bias=False), r=4, alpha=8, dropout=0.1)
+    if not fuse_base:
+        monkeypatch.setattr(layer, "_can_fuse_base", lambda x: False)
+    x = torch.randn(5, 32, requires_grad=True)
+    with _MatmulsOnStorage(layer.base.weight) as counter:
+        layer(x).sum().backward()
+    assert counter.count == 2

@@ -153,9 +153,6 @@ class MoSLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
-        y = self.base(x)
-        if self.merged:
-            return y
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
         if torch.is_grad_enabled() and self._can_fuse_base(x):
             # Base layer inside the branch: its input gradient and the adapter's come out of one GEMM.
