@@ -1,7 +1,7 @@
 """Answer a LLaVA question file with a checkpoint, in batches; write a LLaVA answer file.
 
     python eval/run_vqa.py --model CKPT --question-file Q.jsonl --image-folder DIR --answers-file A.jsonl \
-        [--batch-size 16] [--temperature 0] [--max-new-tokens 32] [--conv-mode M] [--num-chunks K --chunk-idx i]
+        [--batch-size 32] [--temperature 0] [--max-new-tokens 32] [--conv-mode M] [--num-chunks K --chunk-idx i]
     python eval/run_vqa.py merge --answers-files A.0.jsonl A.1.jsonl --question-file Q.jsonl --output A.jsonl
 
 Questions: one JSON object a line (a JSON list is read too) with `question_id`, `text`, optional `image`
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mm_moslora.data.conversation import IMAGE_PLACEHOLDER
 from mm_moslora.data.images import load_image, resolve_image_path
-from mm_moslora.infer import InferenceEngine, PromptTooLongError, Request
+from mm_moslora.infer import DECODE_MODES, InferenceEngine, PromptTooLongError, Request
 
 
 class QuestionError(ValueError):
@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         image_path(question, args.image_folder)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    engine = InferenceEngine.from_checkpoint(args.model, device=device, dtype=dtype, conv_mode=args.conv_mode)
+    engine = InferenceEngine.from_checkpoint(args.model, device=device, dtype=dtype, conv_mode=args.conv_mode,
+                                             decode=args.decode)
     model_id = args.model_id or Path(args.model).resolve().name
     torch.manual_seed(args.seed)
     batches = [todo[start:start + args.batch_size] for start in range(0, len(todo), args.batch_size)]
@@ -196,7 +197,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image-folder", default=None)
     parser.add_argument("--answers-file", required=True)
     parser.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", "--top_p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=32)
@@ -207,6 +208,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--truncate", action="store_true", help="cut over-long prompts instead of stopping")
     parser.add_argument("--seed", type=int, default=0, help="for sampling (temperature > 0)")
+    parser.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                        help="auto: static KV cache + CUDA graphs on CUDA, Hugging Face generate on CPU; "
+                             "hf forces generate (e.g. if CUDA graph capture fails), static the static decoder")
     return parser.parse_args(argv, namespace=argparse.Namespace(command=run))
 
 

@@ -116,3 +116,21 @@ def test_sampling_runs(engine, files):
     torch.manual_seed(0)
     answers = engine.generate(mixed_requests(files[1])[:4], max_new_tokens=3, temperature=0.7, top_p=0.9)
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_answered_in_halves(engine, files, monkeypatch, capsys):
+    requests = mixed_requests(files[1])  # one request has two images, one none: the split must keep them aligned
+    expected = engine.generate(requests, max_new_tokens=MAX_NEW, batch_size=1)
+    real_batch = engine._generate_batch
+    sizes = []
+
+    def small_gpu(prompts, *args):
+        sizes.append(len(prompts))
+        if len(prompts) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_batch(prompts, *args)
+
+    monkeypatch.setattr(engine, "_generate_batch", small_gpu)
+    assert engine.generate(requests, max_new_tokens=MAX_NEW, batch_size=16) == expected
+    assert sizes[:3] == [16, 8, 4] and max(s for s in sizes if s <= 3) == 2
+    assert "out of GPU memory at batch size 16" in capsys.readouterr().err

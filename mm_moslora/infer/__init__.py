@@ -1,4 +1,7 @@
-"""Inference: the one generation engine behind chat and evaluation."""
-from .engine import InferenceEngine, PromptTooLongError, QuantizationUnavailable, Request, check_quantization
+"""Inference: the one generation engine behind chat and evaluation, and its static-cache decoder."""
+from .engine import (DECODE_MODES, InferenceEngine, PromptTooLongError, QuantizationUnavailable, Request,
+                     check_quantization)
+from .static_decode import CudaGraphCaptureError, StaticDecoder, Timings
 
-__all__ = ["InferenceEngine", "PromptTooLongError", "QuantizationUnavailable", "Request", "check_quantization"]
+__all__ = ["DECODE_MODES", "CudaGraphCaptureError", "InferenceEngine", "PromptTooLongError", "QuantizationUnavailable",
+           "Request", "StaticDecoder", "Timings", "check_quantization"]

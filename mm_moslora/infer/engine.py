@@ -3,14 +3,20 @@
 A request is `(messages, images)`: chat messages [{"role", "content"}] whose `<image>` placeholders
 match the PIL images in order. Prompts are built by `data.conversation.build_generation_prompt`, image
 features are written into the embeddings by `MultimodalLM.embed`, and decoding is Hugging Face's
-`generate(inputs_embeds=..., attention_mask=...)`, which takes position ids from the attention mask, so
-left padding does not shift positions and a batch answers exactly as its requests would one by one
-(greedy, fp32). Every row also stops on its own: at eos, at the template's end-of-turn text, or when
-it reaches `max_new_tokens` or the model's context, whatever the other rows of its batch do.
+either `static_decode.StaticDecoder` (static KV cache, CUDA-graph steps: the default on CUDA) or Hugging
+Face's `generate(inputs_embeds=..., attention_mask=...)` (streaming, CPU, and the `decode="hf"` escape
+hatch). Both take position ids from the attention mask, so left padding does not shift positions and a
+batch answers exactly as its requests would one by one (greedy, fp32), and both answer alike. Every row
+also stops on its own: at eos, at the template's end-of-turn text, or when it reaches `max_new_tokens`
+or the model's context, whatever the other rows of its batch do. Images are preprocessed in a thread
+pool, the next batch's while the current one generates.
 """
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,8 +30,10 @@ from ..data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, build_generation_p
 from ..data.images import ImageProcessor
 from ..model.build import load_checkpoint, parse_dtype
 from ..model.mm_model import IMAGE_TOKEN_ID, MultimodalLM
+from .static_decode import MASK_KINDS, StaticDecoder, Timings
 
 QUANTIZE_MODES = ("4bit", "8bit")
+DECODE_MODES = ("auto", "hf", "static")
 
 
 class Request(NamedTuple):
@@ -117,12 +125,19 @@ class InferenceEngine:
 
     `generate` is the only decoding path of the project: chat streams through it with one request, the
     evaluation runs batches through it.
+
+    decode: "auto" (the static decoder on CUDA for non-streaming generation, Hugging Face generate
+    otherwise), "static" (always the static decoder, with CUDA graphs on CUDA; streaming still uses
+    generate) or "hf" (always generate). `timings`: set to a `Timings` to record per-phase times.
     """
 
     def __init__(self, model: MultimodalLM, tokenizer: PreTrainedTokenizerBase, conv_mode: str,
-                 image_processor: ImageProcessor | None = None, image_aspect_ratio: str = "pad"):
+                 image_processor: ImageProcessor | None = None, image_aspect_ratio: str = "pad",
+                 decode: str = "auto"):
         if conv_mode not in TEMPLATES:
             raise ValueError(f"--conv-mode {conv_mode!r}: choose one of {TEMPLATES}")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"--decode {decode!r}: choose one of {DECODE_MODES}")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token (load it through mm_moslora.model.build)")
         self.model, self.tokenizer, self.conv_mode = model.eval(), tokenizer, conv_mode
@@ -133,16 +148,22 @@ class InferenceEngine:
         single_tokens = {ids[0] for ids in encoded.values() if len(ids) == 1}
         self.stop_token_ids = sorted(single_tokens | ({tokenizer.eos_token_id} - {None}))
         self.stop_strings = [text for text, ids in encoded.items() if len(ids) > 1]
+        self.decode = decode
+        self.timings: Timings | None = None
+        self._static_decoder: StaticDecoder | None = None
+        self._image_pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
                         merge: bool = True, conv_mode: str | None = None, quantize: str | None = None,
-                        ) -> "InferenceEngine":
+                        decode: str = "auto") -> "InferenceEngine":
         """Load a training output (see model.build.load_checkpoint); conv_mode defaults to the checkpoint's.
 
         merge: fold the adapters into the base weights and drop the adapter layers (same answers, faster).
         quantize: "4bit" or "8bit" puts the LM's linear layers into bitsandbytes (CUDA only), after the
-        adapters are merged.
+        adapters are merged; "auto" decoding then uses Hugging Face generate (bitsandbytes kernels are not
+        known to be safe in CUDA graphs).
+        decode: see the class docstring.
         """
         if quantize is not None:
             check_quantization(quantize, device)
@@ -155,7 +176,8 @@ class InferenceEngine:
             quantize_llm(model.llm, quantize, parse_dtype(dtype))
             model.to(device)  # bitsandbytes quantizes the weights on their way to the GPU
         return cls(model, tokenizer, conv_mode or mm_config.get("conv_mode", "vicuna_v1"),
-                   image_aspect_ratio=mm_config.get("image_aspect_ratio", "pad"))
+                   image_aspect_ratio=mm_config.get("image_aspect_ratio", "pad"),
+                   decode="hf" if quantize and decode == "auto" else decode)
 
     @property
     def device(self) -> torch.device:
@@ -164,6 +186,22 @@ class InferenceEngine:
     @property
     def context_length(self) -> int:
         return int(self.model.llm.config.max_position_embeddings)
+
+    def decode_path(self, streaming: bool = False) -> str:
+        """"static" or "hf": the decoder `generate` uses now (see the class docstring)."""
+        if streaming or self.decode == "hf":
+            return "hf"  # the streamer hands on text per token, which the static decoder does not
+        if self.decode == "static":
+            return "static"
+        supported = self.model.llm.config._attn_implementation in MASK_KINDS
+        return "static" if self.device.type == "cuda" and supported else "hf"
+
+    @property
+    def static_decoder(self) -> StaticDecoder:
+        """The static decoder, built on first use; it keeps caches and CUDA graphs across calls."""
+        if self._static_decoder is None:
+            self._static_decoder = StaticDecoder(self.model.llm)
+        return self._static_decoder
 
     def prompt_ids(self, messages: list[dict], n_images: int, truncate: bool = False) -> list[int]:
         """Token ids of the generation prompt, each `<image>` expanded to the image-token positions.
@@ -191,7 +229,7 @@ class InferenceEngine:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request | tuple], max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, batch_size: int = 16, stream: Callable[[str], None] | None = None,
+                 top_p: float = 1.0, batch_size: int = 32, stream: Callable[[str], None] | None = None,
                  truncate: bool = False) -> list[str]:
         """Answer each request; returns the replies in input order (stripped, without end-of-turn text).
 
@@ -210,28 +248,84 @@ class InferenceEngine:
             except PromptTooLongError as err:
                 raise PromptTooLongError(err.n_tokens, err.context_length, index) from None
         order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+        def preprocess(rows: list[int]) -> list[Future]:  # row order = embed's scatter order
+            return [self._preprocess_async(img) for i in rows for img in requests[i][1]]
         answers: list[str] = [""] * len(requests)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            texts = self._generate_batch([prompts[i] for i in rows], [requests[i][1] for i in rows],
-                                         max_new_tokens, temperature, top_p, stream)
+        upcoming = preprocess(batches[0]) if batches else []
+        for index, rows in enumerate(batches):
+            pixels, upcoming = upcoming, (preprocess(batches[index + 1]) if index + 1 < len(batches) else [])
+            texts = self._generate_rows(rows, [prompts[i] for i in rows], [len(requests[i][1]) for i in rows],
+                                        pixels, max_new_tokens, temperature, top_p, stream)
             for i, text in zip(rows, texts):
                 answers[i] = text
         return answers
 
-    def _generate_batch(self, prompts: list[list[int]], images: list[list[Image.Image]], max_new_tokens: int,
+    def _generate_rows(self, rows: list[int], prompts: list[list[int]], n_images: list[int], pixels: list[Future],
+                       max_new_tokens: int, temperature: float, top_p: float,
+                       stream: Callable[[str], None] | None) -> list[str]:
+        """_generate_batch, halving the batch while the GPU runs out of memory (a default batch size that suits
+        an H200 then still runs on a smaller GPU, only slower)."""
+        try:
+            return self._generate_batch(prompts, pixels, max_new_tokens, temperature, top_p, stream)
+        except torch.cuda.OutOfMemoryError:
+            if len(rows) == 1:
+                raise
+        if self._static_decoder is not None:
+            self._static_decoder.slots.clear()  # the caches of the larger batch size go first
+        torch.cuda.empty_cache()
+        half = len(rows) // 2
+        split = sum(n_images[:half])
+        print(f"[mm_moslora] out of GPU memory at batch size {len(rows)}: answering it as {half} + "
+              f"{len(rows) - half}", file=sys.stderr, flush=True)
+        return (self._generate_rows(rows[:half], prompts[:half], n_images[:half], pixels[:split], max_new_tokens,
+                                    temperature, top_p, stream)
+                + self._generate_rows(rows[half:], prompts[half:], n_images[half:], pixels[split:], max_new_tokens,
+                                      temperature, top_p, stream))
+
+    def _preprocess_async(self, image: Image.Image) -> Future:
+        """Image -> future of its (3, S, S) pixels; PIL and torch release the GIL, so threads run in parallel."""
+        if self._image_pool is None:
+            self._image_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                  thread_name_prefix="preprocess")
+        return self._image_pool.submit(self.image_processor, image)
+
+    def _generate_batch(self, prompts: list[list[int]], pixels: list[Future], max_new_tokens: int,
                         temperature: float, top_p: float, stream: Callable[[str], None] | None) -> list[str]:
+        """One batch: prompts (token ids), the futures of their images' pixels in row order -> reply texts."""
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
-        flat_images = [img for row_images in images for img in row_images]  # row order = embed's scatter order
-        pixel_values = (torch.stack([self.image_processor(img) for img in flat_images]).to(self.device)
-                        if flat_images else None)
+        started = self.timings.start(self.device) if self.timings else 0.0
+        pixel_values = torch.stack([f.result() for f in pixels]).to(self.device) if pixels else None
+        if self.timings:
+            self.timings.stop("preprocess wait", started, self.device)
+            started = self.timings.start(self.device)
         inputs_embeds = self.model.embed(input_ids.to(self.device), pixel_values)
+        if self.timings:
+            self.timings.stop("embed", started, self.device)
         budgets = [min(max_new_tokens, self.context_length - len(p)) for p in prompts]
+        if self.decode_path(streaming=stream is not None) == "static":
+            rows = self.static_decoder.generate(
+                inputs_embeds, attention_mask, budgets, self.stop_token_ids, self.tokenizer.pad_token_id,
+                temperature, top_p, stop_check=self._ends_turn if self.stop_strings else None, timings=self.timings)
+        else:
+            rows = self._generate_hf(inputs_embeds, attention_mask, budgets, temperature, top_p, stream)
+        return [self._decode(row) for row in rows]
+
+    def _ends_turn(self, token_ids: list[int]) -> bool:
+        """Whether a reply so far holds a multi-token end-of-turn text (the static decoder's stop_check)."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return any(marker in text for marker in self.stop_strings)
+
+    def _generate_hf(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int],
+                     temperature: float, top_p: float, stream: Callable[[str], None] | None) -> list[list[int]]:
+        """Hugging Face generate: inputs_embeds (B, T, H), attention_mask (B, T) -> new token ids per row."""
+        started = self.timings.start(self.device) if self.timings else 0.0
         streamer = _CallbackStreamer(self.tokenizer, stream, self.stop_texts) if stream else None
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
             dict(do_sample=False, temperature=1.0, top_p=1.0)
@@ -240,7 +334,9 @@ class InferenceEngine:
             num_beams=1, use_cache=True, eos_token_id=self.stop_token_ids, pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([_RowBudget(budgets)]), streamer=streamer, **sampling,
             **(dict(stop_strings=self.stop_strings, tokenizer=self.tokenizer) if self.stop_strings else {}))
-        return [self._decode(row[:budget].tolist()) for row, budget in zip(output, budgets)]
+        if self.timings:  # one count per token step, as the static decoder counts
+            self.timings.stop("hf generate/token", started, self.device, count=output.shape[1])
+        return [row[:budget].tolist() for row, budget in zip(output, budgets)]
 
     def _decode(self, token_ids: list[int]) -> str:
         """New tokens of one row -> reply text, cut at the first stop token or end-of-turn text."""

@@ -1,6 +1,6 @@
 """lmms-eval model `mm_moslora`: evaluate a training output on lmms-eval's benchmarks.
 
-    lmms-eval --model mm_moslora --model_args pretrained=CKPT[,device=cuda,dtype=bf16,batch_size=16] --tasks pope,...
+    lmms-eval --model mm_moslora --model_args pretrained=CKPT[,device=cuda,dtype=bf16,batch_size=32] --tasks pope,...
     (or `python -m lmms_eval ...`; several GPUs: `accelerate launch --num_processes N -m lmms_eval ...`)
 
 Registration. lmms-eval (>= 0.6) builds its model registry when `lmms_eval.models` is first imported: its
@@ -19,7 +19,7 @@ env var LMMS_EVAL_PLUGINS is deprecated (it wants `<package>.models.<name>` and 
 
 Model args (`--model_args k=v,...`): `pretrained` (checkpoint folder), `device` (default cuda when
 available; with several processes each takes cuda:LOCAL_RANK), `dtype` (default bf16 on cuda, else fp32),
-`batch_size` (default 16), `merge`, `conv_mode`, `quantize` ("4bit"/"8bit"), `truncate` (cut over-long
+`batch_size` (default 32), `merge`, `conv_mode`, `quantize` ("4bit"/"8bit"), `truncate` (cut over-long
 prompts instead of failing). Values in --model_args win over lmms-eval's --batch_size/--device flags.
 
 Requests are answered by `InferenceEngine` (the project's only decoding path), so answers equal those of
@@ -105,7 +105,7 @@ class MMMoSLoRA(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str | None = None, dtype: str | None = None, batch_size: int | str = 16,
+    def __init__(self, pretrained: str, device: str | None = None, dtype: str | None = None, batch_size: int | str = 32,
                  merge: bool = True, conv_mode: str | None = None, quantize: str | None = None,
                  truncate: bool = False) -> None:
         super().__init__()
