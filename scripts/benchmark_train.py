@@ -1,6 +1,6 @@
 """Training-speed benchmark (not a test): our real training step at LLaVA-1.5-7B's shape with random weights.
 
-    python scripts/benchmark_train.py --adapter moslora --lora_r 128 --batch 16 --text-tokens 448 --gradient_checkpointing
+    python scripts/benchmark_train.py --adapter moslora --lora_r 128 --batch 16 --seq 1025 --gradient_checkpointing
     deepspeed --num_gpus 2 scripts/benchmark_train.py --deepspeed deepspeed_configs/zero2.json ...
 
 Builds the stack (LLaMA-2-7B-shaped LM, open_clip ViT-L-14-336, mlp2x_gelu), injects the adapter, wraps it in the
@@ -56,7 +56,8 @@ def main():
     ap.add_argument("--lora_alpha", type=float, default=256)
     ap.add_argument("--lora_dropout", type=float, default=0.05)
     ap.add_argument("--batch", type=int, default=16, help="per-GPU micro-batch")
-    ap.add_argument("--text-tokens", type=int, default=448)
+    ap.add_argument("--text-tokens", type=int, default=448, help="text tokens per sample (after 1 + image tokens)")
+    ap.add_argument("--seq", type=int, help="tokens per sample in all (1 + image tokens + text); overrides --text-tokens")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gradient_checkpointing", action="store_true")
@@ -88,6 +89,10 @@ def main():
     engine.train()
 
     n_img = model.num_image_tokens
+    if args.seq is not None:
+        if args.seq < 2 + n_img:
+            ap.error(f"--seq {args.seq}: a sample holds 1 + {n_img} image tokens and at least one text token")
+        args.text_tokens = args.seq - 1 - n_img
     seq = 1 + n_img + args.text_tokens
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(100, 700, (args.batch, seq), generator=gen)
