@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mm_moslora.infer import Request
 from mm_moslora.model.build import build_model, mm_config_for, save_mm_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,3 +120,15 @@ def make_eval_set(directory: str | Path, n_questions: int = 8, n_images: int = 3
     image_paths = make_images(directory / "images", n_images)
     questions = make_question_file(directory / "questions.jsonl", [p.name for p in image_paths], n_questions)
     return {"checkpoint": checkpoint, "images": directory / "images", "questions": questions}
+
+
+def mixed_requests(images) -> list[Request]:
+    """16 requests of different lengths: one image, two images, and text only."""
+    requests = [Request([{"role": "user", "content": "<image>\n" + QUESTIONS[i % len(QUESTIONS)] * (1 + i % 3)}],
+                        [images[i % len(images)]]) for i in range(13)]
+    requests.append(Request([{"role": "user", "content": "Compare <image> with <image>."}], images[:2]))
+    requests.append(Request([{"role": "user", "content": "Just text, no image."}], []))
+    requests.append(Request([{"role": "user", "content": "<image>\nWhat is it?"},
+                             {"role": "assistant", "content": "A picture."},
+                             {"role": "user", "content": "Tell me more."}], [images[3]]))
+    return requests

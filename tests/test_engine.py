@@ -6,7 +6,7 @@ import torch
 
 from mm_moslora.adapters import adapter_modules
 from mm_moslora.infer import InferenceEngine, PromptTooLongError, Request
-from tests.helpers import QUESTIONS
+from tests.helpers import mixed_requests
 
 MAX_NEW = 4
 
@@ -19,18 +19,6 @@ def files(tiny_checkpoint_files):
 @pytest.fixture(scope="module")
 def engine(files):
     return InferenceEngine.from_checkpoint(files[0])
-
-
-def mixed_requests(images) -> list[Request]:
-    """16 requests of different lengths: one image, two images, and text only."""
-    requests = [Request([{"role": "user", "content": "<image>\n" + QUESTIONS[i % len(QUESTIONS)] * (1 + i % 3)}],
-                        [images[i % len(images)]]) for i in range(13)]
-    requests.append(Request([{"role": "user", "content": "Compare <image> with <image>."}], images[:2]))
-    requests.append(Request([{"role": "user", "content": "Just text, no image."}], []))
-    requests.append(Request([{"role": "user", "content": "<image>\nWhat is it?"},
-                             {"role": "assistant", "content": "A picture."},
-                             {"role": "user", "content": "Tell me more."}], [images[3]]))
-    return requests
 
 
 def test_batch_16_answers_equal_batch_1(engine, files):

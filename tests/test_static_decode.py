@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mm_moslora.infer import CudaGraphCaptureError, InferenceEngine, Request, StaticDecoder
-from tests.test_engine import mixed_requests
+from tests.helpers import mixed_requests
 
 MAX_NEW = 5
 

@@ -2,7 +2,7 @@
 
 A request is `(messages, images)`: chat messages [{"role", "content"}] whose `<image>` placeholders
 match the PIL images in order. Prompts are built by `data.conversation.build_generation_prompt`, image
-features are written into the embeddings by `MultimodalLM.embed`, and decoding is Hugging Face's
+features are written into the embeddings by `MultimodalLM.embed`, and decoding is
 either `static_decode.StaticDecoder` (static KV cache, CUDA-graph steps: the default on CUDA) or Hugging
 Face's `generate(inputs_embeds=..., attention_mask=...)` (streaming, CPU, and the `decode="hf"` escape
 hatch). Both take position ids from the attention mask, so left padding does not shift positions and a
