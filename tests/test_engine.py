@@ -12,17 +12,12 @@ MAX_NEW = 4
 
 
 @pytest.fixture(scope="module")
-def files(tiny_checkpoint_files):
-    return tiny_checkpoint_files
+def engine(tiny_checkpoint_files):
+    return InferenceEngine.from_checkpoint(tiny_checkpoint_files[0])
 
 
-@pytest.fixture(scope="module")
-def engine(files):
-    return InferenceEngine.from_checkpoint(files[0])
-
-
-def test_batch_16_answers_equal_batch_1(engine, files):
-    requests = mixed_requests(files[1])
+def test_batch_16_answers_equal_batch_1(engine, tiny_checkpoint_files):
+    requests = mixed_requests(tiny_checkpoint_files[1])
     batched = engine.generate(requests, max_new_tokens=MAX_NEW, batch_size=16)
     single = engine.generate(requests, max_new_tokens=MAX_NEW, batch_size=1)
     assert batched == single
@@ -30,16 +25,17 @@ def test_batch_16_answers_equal_batch_1(engine, files):
     for i in (0, 13, 14):
         assert engine.generate([requests[i]], max_new_tokens=MAX_NEW) == [batched[i]]
     # Non-trivial model: the image changes the answer.
-    same_question = [Request([{"role": "user", "content": "<image>\nWhat is it?"}], [img]) for img in files[1]]
+    same_question = [Request([{"role": "user", "content": "<image>\nWhat is it?"}], [img])
+                     for img in tiny_checkpoint_files[1]]
     assert len(set(engine.generate(same_question, max_new_tokens=MAX_NEW))) >= 3
     assert all(isinstance(a, str) and a for a in batched)
 
 
-def test_adapter_is_merged_and_matters(engine, files):
+def test_adapter_is_merged_and_matters(engine, tiny_checkpoint_files):
     assert not adapter_modules(engine.model.llm)  # merged into the base weights, adapter layers dropped
-    requests = mixed_requests(files[1])[:6]
+    requests = mixed_requests(tiny_checkpoint_files[1])[:6]
     merged = engine.generate(requests, max_new_tokens=MAX_NEW)
-    unmerged = InferenceEngine.from_checkpoint(files[0], merge=False)
+    unmerged = InferenceEngine.from_checkpoint(tiny_checkpoint_files[0], merge=False)
     modules = adapter_modules(unmerged.model.llm)
     assert modules and not any(m.merged for m in modules.values())
     assert all(m.lora_B.abs().sum() > 0 for m in modules.values())
@@ -50,22 +46,22 @@ def test_adapter_is_merged_and_matters(engine, files):
     assert unmerged.generate(requests, max_new_tokens=MAX_NEW) != merged
 
 
-def test_stops_at_end_of_turn(engine, files):
+def test_stops_at_end_of_turn(engine, tiny_checkpoint_files):
     eos = engine.tokenizer.eos_token_id
     assert engine.stop_texts == ["</s>"] and eos in engine.stop_token_ids  # vicuna_v1 ends a reply with </s>
     ids = engine.tokenizer.encode(" a cat", add_special_tokens=False)
     assert engine._decode(ids + [eos] + ids) == engine._decode(ids) == "a cat"
     # A model whose lm_head always prefers eos stops at once.
-    stopping = InferenceEngine.from_checkpoint(files[0])
+    stopping = InferenceEngine.from_checkpoint(tiny_checkpoint_files[0])
 
     def prefer_eos(module, inputs, logits):
         logits[..., eos] = 1e4
         return logits
     stopping.model.llm.get_output_embeddings().register_forward_hook(prefer_eos)
-    assert stopping.generate(mixed_requests(files[1])[:3], max_new_tokens=MAX_NEW) == ["", "", ""]
+    assert stopping.generate(mixed_requests(tiny_checkpoint_files[1])[:3], max_new_tokens=MAX_NEW) == ["", "", ""]
 
-def test_streaming_pieces_make_the_answer(engine, files):
-    requests = mixed_requests(files[1])[:4]
+def test_streaming_pieces_make_the_answer(engine, tiny_checkpoint_files):
+    requests = mixed_requests(tiny_checkpoint_files[1])[:4]
     n_pieces = []
     for request, answer in zip(requests, engine.generate(requests, max_new_tokens=MAX_NEW)):
         pieces = []
@@ -77,10 +73,10 @@ def test_streaming_pieces_make_the_answer(engine, files):
         engine.generate(requests[:2], stream=print)
 
 
-def test_prompt_longer_than_context(engine, files):
+def test_prompt_longer_than_context(engine, tiny_checkpoint_files):
     long_text = "word " * (engine.context_length + 10)
-    requests = [Request([{"role": "user", "content": "<image>\nhi"}], [files[1][0]]),
-                Request([{"role": "user", "content": "<image>\n" + long_text}], [files[1][0]])]
+    requests = [Request([{"role": "user", "content": "<image>\nhi"}], [tiny_checkpoint_files[1][0]]),
+                Request([{"role": "user", "content": "<image>\n" + long_text}], [tiny_checkpoint_files[1][0]])]
     with pytest.raises(PromptTooLongError, match="request 1: the prompt has .* context holds 1024") as info:
         engine.generate(requests, max_new_tokens=2)
     assert info.value.index == 1 and info.value.n_tokens > engine.context_length
@@ -93,21 +89,23 @@ def test_prompt_longer_than_context(engine, files):
     assert len(answers) == 2
 
 
-def test_bad_requests(engine, files):
+def test_bad_requests(engine, tiny_checkpoint_files):
     with pytest.raises(ValueError, match="1 <image> placeholders but 2 images"):
-        engine.generate([Request([{"role": "user", "content": "<image> hi"}], files[1][:2])])
+        engine.generate([Request([{"role": "user", "content": "<image> hi"}], tiny_checkpoint_files[1][:2])])
     with pytest.raises(ValueError, match="last message must be the user's"):
         engine.generate([Request([{"role": "assistant", "content": "hi"}], [])])
 
 
-def test_sampling_runs(engine, files):
+def test_sampling_runs(engine, tiny_checkpoint_files):
     torch.manual_seed(0)
-    answers = engine.generate(mixed_requests(files[1])[:4], max_new_tokens=3, temperature=0.7, top_p=0.9)
+    answers = engine.generate(mixed_requests(tiny_checkpoint_files[1])[:4], max_new_tokens=3, temperature=0.7,
+                              top_p=0.9)
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
 
 
-def test_a_batch_that_runs_out_of_gpu_memory_is_answered_in_halves(engine, files, monkeypatch, capsys):
-    requests = mixed_requests(files[1])  # one request has two images, one none: the split must keep them aligned
+def test_a_batch_that_runs_out_of_gpu_memory_is_answered_in_halves(engine, tiny_checkpoint_files, monkeypatch, capsys):
+    # One request has two images, one none: the split must keep them aligned.
+    requests = mixed_requests(tiny_checkpoint_files[1])
     expected = engine.generate(requests, max_new_tokens=MAX_NEW, batch_size=1)
     real_batch = engine._generate_batch
     sizes = []

@@ -4,20 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm_moslora.infer import CudaGraphCaptureError, InferenceEngine, Request, StaticDecoder
+from mm_moslora.infer import CudaGraphCaptureError, InferenceEngine, Request, StaticDecoder, left_pad
 from tests.helpers import mixed_requests
 
 MAX_NEW = 5
 
 
 @pytest.fixture(scope="module")
-def files(tiny_checkpoint_files):
-    return tiny_checkpoint_files
-
-
-@pytest.fixture(scope="module")
-def engine(files):
-    return InferenceEngine.from_checkpoint(files[0], decode="static")
+def engine(tiny_checkpoint_files):
+    return InferenceEngine.from_checkpoint(tiny_checkpoint_files[0], decode="static")
 
 
 def answers(engine: InferenceEngine, decode: str, requests, **kwargs) -> list[str]:
@@ -30,10 +25,7 @@ def answers(engine: InferenceEngine, decode: str, requests, **kwargs) -> list[st
 
 def prompt_embeds(engine: InferenceEngine, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (inputs_embeds (B, T, H), attention_mask (B, T)) of text-only requests."""
-    prompts = [engine.prompt_ids(r.messages, 0) for r in requests]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[engine.tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_pad([engine.prompt_ids(r.messages, 0) for r in requests], engine.tokenizer.pad_token_id)
     with torch.inference_mode():
         return engine.model.embed(ids), mask
 
@@ -41,15 +33,15 @@ def prompt_embeds(engine: InferenceEngine, requests: list[Request]) -> tuple[tor
 TEXT_REQUESTS = [Request([{"role": "user", "content": "Tell me a story" + " please" * i}], []) for i in range(3)]
 
 
-def test_static_answers_equal_hf_answers(engine, files):
-    requests = mixed_requests(files[1])  # mixed lengths: left padding at batch size 16
+def test_static_answers_equal_hf_answers(engine, tiny_checkpoint_files):
+    requests = mixed_requests(tiny_checkpoint_files[1])  # mixed lengths: left padding at batch size 16
     assert engine.decode_path() == "static" and engine.decode_path(streaming=True) == "hf"
     hf = answers(engine, "hf", requests, max_new_tokens=MAX_NEW, batch_size=16)
     assert len(set(hf)) >= 4  # a non-trivial comparison
     assert engine.generate(requests, max_new_tokens=MAX_NEW, batch_size=16) == hf
     assert engine.generate(requests, max_new_tokens=MAX_NEW, batch_size=1) == hf
     # Eager attention takes an additive mask instead of a boolean one.
-    eager = InferenceEngine.from_checkpoint(files[0], decode="static")
+    eager = InferenceEngine.from_checkpoint(tiny_checkpoint_files[0], decode="static")
     eager.model.llm.config._attn_implementation = "eager"
     assert eager.generate(requests[:5], max_new_tokens=MAX_NEW) == hf[:5]
 
@@ -70,14 +62,14 @@ def test_row_budgets_and_stop_tokens(engine):
     assert checked == [row[:4] for row in free]
 
 
-def test_multi_token_end_of_turn_text(files):
+def test_multi_token_end_of_turn_text(tiny_checkpoint_files):
     requests = [Request([{"role": "user", "content": "<image>\n" + q}], [img])
-                for q, img in zip(("What is it?", "Describe it.", "Colours?"), files[1])]
-    engine = InferenceEngine.from_checkpoint(files[0], decode="static")
+                for q, img in zip(("What is it?", "Describe it.", "Colours?"), tiny_checkpoint_files[1])]
+    engine = InferenceEngine.from_checkpoint(tiny_checkpoint_files[0], decode="static")
     plain = engine.generate(requests, max_new_tokens=10)
     ids = engine.tokenizer.encode(plain[0], add_special_tokens=False)
-    marker = next(engine.tokenizer.decode(ids[k:k + 2]) for k in range(1, len(ids) - 1)
-                  if engine.tokenizer.decode(ids[k:k + 2]).strip() and engine.tokenizer.decode(ids[k:k + 2]) in plain[0])
+    pairs = [engine.tokenizer.decode(ids[k:k + 2]) for k in range(1, len(ids) - 1)]
+    marker = next(pair for pair in pairs if pair.strip() and pair in plain[0])
     engine.stop_texts, engine.stop_strings = [marker], [marker]  # as a template with a 2-token end-of-turn text
     cut = engine.generate(requests, max_new_tokens=10)
     assert cut[0] == plain[0].split(marker, 1)[0].strip() and len(cut[0]) < len(plain[0])
@@ -116,7 +108,7 @@ def test_cache_pool_reuses_slots_per_key(engine):
     assert list(decoder.slots) == [(2, key[1]), (1, key[1])]
 
 
-def test_unsupported_setups_fail_clearly(engine, files):
+def test_unsupported_setups_fail_clearly(engine, tiny_checkpoint_files):
     with pytest.raises(ValueError, match="choose one of"):
         InferenceEngine(engine.model, engine.tokenizer, "vicuna_v1", decode="fast")
     auto = InferenceEngine(engine.model, engine.tokenizer, "vicuna_v1")
@@ -124,7 +116,7 @@ def test_unsupported_setups_fail_clearly(engine, files):
     embeds, mask = prompt_embeds(engine, TEXT_REQUESTS)
     with pytest.raises(CudaGraphCaptureError, match="decode='hf', or --decode hf"):
         StaticDecoder(engine.model.llm, use_cuda_graph=True).generate(embeds, mask, [2, 2, 2], [], 0)
-    flash = InferenceEngine.from_checkpoint(files[0])
+    flash = InferenceEngine.from_checkpoint(tiny_checkpoint_files[0])
     flash.model.llm.config._attn_implementation = "flash_attention_2"
     assert flash.decode_path() == "hf"
     with pytest.raises(ValueError, match="4D mask"):

@@ -30,7 +30,7 @@ from ..data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, build_generation_p
 from ..data.images import ImageProcessor
 from ..model.build import load_checkpoint, parse_dtype
 from ..model.mm_model import IMAGE_TOKEN_ID, MultimodalLM
-from .static_decode import MASK_KINDS, StaticDecoder, Timings
+from .static_decode import MASK_KINDS, StaticDecoder, Timings, phase
 
 QUANTIZE_MODES = ("4bit", "8bit")
 DECODE_MODES = ("auto", "hf", "static")
@@ -256,33 +256,30 @@ class InferenceEngine:
         upcoming = preprocess(batches[0]) if batches else []
         for index, rows in enumerate(batches):
             pixels, upcoming = upcoming, (preprocess(batches[index + 1]) if index + 1 < len(batches) else [])
-            texts = self._generate_rows(rows, [prompts[i] for i in rows], [len(requests[i][1]) for i in rows],
-                                        pixels, max_new_tokens, temperature, top_p, stream)
+            texts = self._generate_rows([prompts[i] for i in rows], [len(requests[i][1]) for i in rows], pixels,
+                                        max_new_tokens, temperature, top_p, stream)
             for i, text in zip(rows, texts):
                 answers[i] = text
         return answers
 
-    def _generate_rows(self, rows: list[int], prompts: list[list[int]], n_images: list[int], pixels: list[Future],
-                       max_new_tokens: int, temperature: float, top_p: float,
-                       stream: Callable[[str], None] | None) -> list[str]:
+    def _generate_rows(self, prompts: list[list[int]], n_images: list[int], pixels: list[Future], max_new_tokens: int,
+                       temperature: float, top_p: float, stream: Callable[[str], None] | None) -> list[str]:
         """_generate_batch, halving the batch while the GPU runs out of memory (a default batch size that suits
-        an H200 then still runs on a smaller GPU, only slower)."""
+        an H200 then still runs on a smaller GPU, only slower). n_images: images per prompt, to split `pixels`."""
         try:
             return self._generate_batch(prompts, pixels, max_new_tokens, temperature, top_p, stream)
         except torch.cuda.OutOfMemoryError:
-            if len(rows) == 1:
+            if len(prompts) == 1:
                 raise
         if self._static_decoder is not None:
             self._static_decoder.slots.clear()  # the caches of the larger batch size go first
         torch.cuda.empty_cache()
-        half = len(rows) // 2
-        split = sum(n_images[:half])
-        print(f"[mm_moslora] out of GPU memory at batch size {len(rows)}: answering it as {half} + "
-              f"{len(rows) - half}", file=sys.stderr, flush=True)
-        return (self._generate_rows(rows[:half], prompts[:half], n_images[:half], pixels[:split], max_new_tokens,
-                                    temperature, top_p, stream)
-                + self._generate_rows(rows[half:], prompts[half:], n_images[half:], pixels[split:], max_new_tokens,
-                                      temperature, top_p, stream))
+        half, split = len(prompts) // 2, sum(n_images[:len(prompts) // 2])
+        print(f"[mm_moslora] out of GPU memory at batch size {len(prompts)}: answering it as {half} + "
+              f"{len(prompts) - half}", file=sys.stderr, flush=True)
+        settings = (max_new_tokens, temperature, top_p, stream)
+        return (self._generate_rows(prompts[:half], n_images[:half], pixels[:split], *settings)
+                + self._generate_rows(prompts[half:], n_images[half:], pixels[split:], *settings))
 
     def _preprocess_async(self, image: Image.Image) -> Future:
         """Image -> future of its (3, S, S) pixels; PIL and torch release the GIL, so threads run in parallel."""
@@ -294,20 +291,11 @@ class InferenceEngine:
     def _generate_batch(self, prompts: list[list[int]], pixels: list[Future], max_new_tokens: int,
                         temperature: float, top_p: float, stream: Callable[[str], None] | None) -> list[str]:
         """One batch: prompts (token ids), the futures of their images' pixels in row order -> reply texts."""
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-        started = self.timings.start(self.device) if self.timings else 0.0
-        pixel_values = torch.stack([f.result() for f in pixels]).to(self.device) if pixels else None
-        if self.timings:
-            self.timings.stop("preprocess wait", started, self.device)
-            started = self.timings.start(self.device)
-        inputs_embeds = self.model.embed(input_ids.to(self.device), pixel_values)
-        if self.timings:
-            self.timings.stop("embed", started, self.device)
+        input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        with phase(self.timings, "preprocess wait", self.device):
+            pixel_values = torch.stack([f.result() for f in pixels]).to(self.device) if pixels else None
+        with phase(self.timings, "embed", self.device):
+            inputs_embeds = self.model.embed(input_ids.to(self.device), pixel_values)
         budgets = [min(max_new_tokens, self.context_length - len(p)) for p in prompts]
         if self.decode_path(streaming=stream is not None) == "static":
             rows = self.static_decoder.generate(
@@ -325,17 +313,17 @@ class InferenceEngine:
     def _generate_hf(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int],
                      temperature: float, top_p: float, stream: Callable[[str], None] | None) -> list[list[int]]:
         """Hugging Face generate: inputs_embeds (B, T, H), attention_mask (B, T) -> new token ids per row."""
-        started = self.timings.start(self.device) if self.timings else 0.0
         streamer = _CallbackStreamer(self.tokenizer, stream, self.stop_texts) if stream else None
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
             dict(do_sample=False, temperature=1.0, top_p=1.0)
-        output = self.model.llm.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(self.device), max_new_tokens=max(budgets),
-            num_beams=1, use_cache=True, eos_token_id=self.stop_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([_RowBudget(budgets)]), streamer=streamer, **sampling,
-            **(dict(stop_strings=self.stop_strings, tokenizer=self.tokenizer) if self.stop_strings else {}))
-        if self.timings:  # one count per token step, as the static decoder counts
-            self.timings.stop("hf generate/token", started, self.device, count=output.shape[1])
+        with phase(self.timings, "hf generate/token", self.device) as generating:
+            output = self.model.llm.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(self.device),
+                max_new_tokens=max(budgets), num_beams=1, use_cache=True, eos_token_id=self.stop_token_ids,
+                pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([_RowBudget(budgets)]),
+                streamer=streamer, **sampling,
+                **(dict(stop_strings=self.stop_strings, tokenizer=self.tokenizer) if self.stop_strings else {}))
+            generating.count = output.shape[1]  # one count per token step, as the static decoder counts
         return [row[:budget].tolist() for row, budget in zip(output, budgets)]
 
     def _decode(self, token_ids: list[int]) -> str:
@@ -345,6 +333,18 @@ class InferenceEngine:
         for marker in self.stop_texts:
             text = text.split(marker, 1)[0]
         return text.strip()
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts -> (input_ids (B, T), attention_mask (B, T)), padded on the left so that every prompt ends
+    where generation starts."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
 
 
 def check_quantization(mode: str, device: str | torch.device) -> None:

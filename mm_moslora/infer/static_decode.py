@@ -46,20 +46,31 @@ class Timings:
         self.seconds: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
-    def start(self, device: torch.device) -> float:
-        _synchronize(device)
-        return time.perf_counter()
-
-    def stop(self, phase: str, started: float, device: torch.device, count: int = 1) -> None:
-        _synchronize(device)
-        self.seconds[phase] += time.perf_counter() - started
-        self.counts[phase] += count
-
     def summary(self) -> str:
         """One line per phase: total seconds, count, milliseconds per count."""
         return "\n".join(f"{phase:>18s}: {seconds:8.3f} s / {self.counts[phase]:6d} = "
                          f"{1000 * seconds / max(self.counts[phase], 1):8.3f} ms each"
                          for phase, seconds in self.seconds.items())
+
+
+class phase:
+    """`with phase(timings, name, device) as p: ...` adds the block's time to `timings` (a no-op when timings is
+    None); set `p.count` inside the block when it covers several steps."""
+
+    def __init__(self, timings: Timings | None, name: str, device: torch.device):
+        self.timings, self.name, self.device, self.count = timings, name, device, 1
+
+    def __enter__(self) -> "phase":
+        if self.timings is not None:
+            _synchronize(self.device)
+            self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.timings is not None and exc_type is None:
+            _synchronize(self.device)
+            self.timings.seconds[self.name] += time.perf_counter() - self.started
+            self.timings.counts[self.name] += self.count
 
 
 def _synchronize(device: torch.device) -> None:
@@ -196,10 +207,8 @@ class StaticDecoder:
             raise ValueError("static decoding supports full-attention layers only (no sliding window or linear "
                              "attention); decode with Hugging Face generate (decode='hf')")
         if self.use_cuda_graph:
-            started = timings.start(self.device) if timings else 0.0
-            slot.capture()
-            if timings:
-                timings.stop("graph capture", started, self.device)
+            with phase(timings, "graph capture", self.device):
+                slot.capture()
         self.slots[key] = slot
         return slot
 
@@ -243,20 +252,17 @@ class StaticDecoder:
             # A broadcast compare (a few stop ids) rather than isin, whose sorting path may sync with the host.
             finished.logical_or_((token[:, None] == stop_t).any(dim=1) | (lengths >= budget_t))
 
-        started = timings.start(self.device) if timings else 0.0
-        accept(0, pick(slot.prefill(inputs_embeds, attention_mask)))
-        if timings:
-            timings.stop("prefill", started, self.device)
-            started = timings.start(self.device)
-        steps = 0
-        for index in range(1, max_budget):
-            if index % self.sync_every == 0 and self._all_finished(tokens[:, :index], lengths, finished, stop_check):
-                break
-            slot.token.copy_(tokens[:, index - 1:index])
-            accept(index, pick(slot.run()))
-            steps += 1
-        if timings:
-            timings.stop("decode step", started, self.device, count=steps)
+        with phase(timings, "prefill", self.device):
+            accept(0, pick(slot.prefill(inputs_embeds, attention_mask)))
+        with phase(timings, "decode step", self.device) as decoding:
+            decoding.count = 0
+            for index in range(1, max_budget):
+                if index % self.sync_every == 0 and self._all_finished(tokens[:, :index], lengths, finished,
+                                                                       stop_check):
+                    break
+                slot.token.copy_(tokens[:, index - 1:index])
+                accept(index, pick(slot.run()))
+                decoding.count += 1
         return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
 
     @staticmethod
