@@ -258,7 +258,7 @@ class LowRankBranch(torch.autograd.Function):
         A_eff = M @ A if M is not None else A
         u = h @ A_eff.t()                                                  # (N, r)
         out = torch.addmm(y2, u, B.t(), alpha=scaling)                     # (N, d_out)
-        ctx.save_for_backward(x, W, A, M, A_eff if M is not None else None, B, u)
+        ctx.save_for_backward(x, W, A, M, A_eff, B, u)  # A_eff is A itself for LoRA: saved once
         ctx.scaling, ctx.p, ctx.rng = scaling, p, state
         out_dtype = x.dtype if W is not None else y.dtype
         return out.reshape(*x.shape[:-1], B.shape[0]).to(out_dtype)
@@ -267,7 +267,6 @@ class LowRankBranch(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, W, A, M, A_eff, B, u = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
-        A_eff = A if M is None else A_eff
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(B.dtype)           # (N, d_out)
         grad_B = (g.t() @ u) * s if ctx.needs_input_grad[6] else None
         gu = (g @ B) * s                                                   # (N, r)
