@@ -702,7 +702,7 @@ def ask(kind: str, scene: Scene, rng, focus: int | None = None, want: bool | Non
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-def _ask_mixed(scene: Scene, rng, kinds: dict[str, float], allowed_combos, focus=None,
+def ask_mixed(scene: Scene, rng, kinds: dict[str, float], allowed_combos, focus=None,
                avoid: Iterable[str] = ()) -> QA | None:
     """A question of a kind drawn with ``kinds``' weights; retries kinds that do not apply to the
     scene and questions already in ``avoid`` (earlier turns)."""
@@ -808,7 +808,7 @@ class _Builder:
             n_turns = int(rng.choice(3, p=[0.4, 0.35, 0.25])) + 1
             qas: list[QA] = []
             for _ in range(n_turns):
-                qa = _ask_mixed(scene, rng, TRAIN_QUESTION_MIX, self.allowed,
+                qa = ask_mixed(scene, rng, TRAIN_QUESTION_MIX, self.allowed,
                                 avoid={q.question for q in qas})
                 if qa is not None:
                     qas.append(qa)
@@ -908,7 +908,7 @@ GQA_MIX = {"color": 0.2, "shape": 0.2, "presence": 0.2, "position": 0.2, "positi
 def _eval_questions(b: _Builder, rng, scene: Scene, mix: dict[str, float], k: int) -> list[QA]:
     qas: list[QA] = []
     for _ in range(k):
-        qa = _ask_mixed(scene, rng, mix, None, focus=b.focus(scene, rng),
+        qa = ask_mixed(scene, rng, mix, None, focus=b.focus(scene, rng),
                         avoid={q.question for q in qas})
         if qa is not None:
             qas.append(qa)

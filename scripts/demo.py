@@ -12,9 +12,9 @@ Every step runs the command a user would run, as a subprocess:
   5. chat     python -m mm_moslora.chat --model OUT/finetune --image IMG --prompt "..."
   6. results  a table (per benchmark, per question type, held-out combinations) next to the majority-answer
               baseline, also written to OUT/demo_results.json
-OUT is outputs/demo-<adapter> unless --out is given. Re-running reuses what is complete (a stage whose
-train_summary.json shows its planned steps, complete answers files, the chat reply); a stage that has to
-run again invalidates everything after it. Without a usable `deepspeed` launcher the training scripts run
+OUT is outputs/demo-<adapter> unless --out is given. Re-running reuses what is complete (a stage that ran its
+planned steps with the same flags, complete answers files, the chat reply); a stage that has to run again
+invalidates everything after it. Without a usable `deepspeed` launcher the training scripts run
 as plain `python` processes (the same code path, one process), and the demo says so.
 """
 from __future__ import annotations
@@ -36,32 +36,33 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 from mm_moslora.demo_data import (SHORT_ANSWER_SUFFIX, generate, majority_baseline,  # noqa: E402
                                   normalize_answer, read_manifest)
 
+# The tiny backbones the demo starts from: pretrained on their own data and tasks (text for the LM, patch labels
+# for the tower), as a real run starts from Vicuna and CLIP; made by scripts/pretrain_tiny_backbones.py (see
+# mm_moslora/model/tiny_pretrain.py). Passed by path like any Hugging Face / open_clip checkpoint.
+PRETRAINED_DIR = REPO_ROOT / "mm_moslora" / "model" / "tiny" / "pretrained"
+BACKBONES = {"model_name_or_path": str(PRETRAINED_DIR / "lm"), "vision_tower": str(PRETRAINED_DIR / "vision"),
+             "mm_vision_select_layer": -1}
+
 # Data and training settings. "full" is the demo (sized for a 2-core CPU within 10 minutes, see the README);
 # "quick" only checks that the pipeline runs end to end (tests).
 PRESETS: dict[str, dict] = {
     "full": {
         "data": {"seed": 0, "n_train": 4000, "n_pretrain": 4000, "n_eval": 300, "image_size": 64},
-        "pretrain": {"max_steps": 300, "per_device_train_batch_size": 32, "learning_rate": 3e-3,
-                     "mm_vision_select_layer": 1},
+        "pretrain": {"max_steps": 300, "per_device_train_batch_size": 32, "learning_rate": 3e-3},
         "finetune": {"max_steps": 400, "per_device_train_batch_size": 32, "learning_rate": 1e-3,
-                     "mm_projector_lr": 3e-3, "lora_r": 64, "lora_alpha": 128, "lora_dropout": 0.0,
-                     "mm_vision_select_layer": 1},
+                     "mm_projector_lr": 3e-3, "lora_r": 64, "lora_alpha": 128, "lora_dropout": 0.0},
         "eval_batch_size": 64,
     },
     "quick": {
         "data": {"seed": 0, "n_train": 48, "n_pretrain": 24, "n_eval": 8, "image_size": 64},
-        "pretrain": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 2e-3,
-                     "mm_vision_select_layer": 1},
+        "pretrain": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 2e-3},
         "finetune": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
-                     "mm_projector_lr": 3e-3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-                     "mm_vision_select_layer": 1},
+                     "mm_projector_lr": 3e-3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "eval_batch_size": 16,
     },
 }
-# The vision features are those of the tiny tower's first block (--mm_vision_select_layer 1): in tuning runs the
-# adapters learned more from them than from deeper blocks of the random tower.
 COMMON_TRAIN_FLAGS = {"save_steps": 0, "warmup_ratio": 0.03, "lr_scheduler_type": "cosine", "report_to": "none",
-                      "seed": 42}
+                      "seed": 42, **BACKBONES}
 MAX_NEW_TOKENS = 8  # answers are a word, a number, a letter or "<colour> <shape>"
 STAGE_OUTPUTS = ("pretrain", "finetune", "eval", "chat.json", "demo_results.json")  # in pipeline order
 
@@ -122,9 +123,17 @@ def prepare_data(data_dir: Path, settings: dict, fresh: bool) -> str:
     return manifest["status"]
 
 
-def stage_complete(out_dir: Path, steps: int) -> bool:
-    summary = out_dir / "train_summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("steps") == steps
+STAGE_FLAGS_FILE = "demo_flags.json"  # the flags a stage ran with: a stage run with other flags is not reused
+
+
+def stage_flags(flags: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in {**COMMON_TRAIN_FLAGS, **flags}.items()]
+
+
+def stage_complete(out_dir: Path, flags: dict) -> bool:
+    summary, recorded = out_dir / "train_summary.json", out_dir / STAGE_FLAGS_FILE
+    return (summary.is_file() and json.loads(summary.read_text()).get("steps") == flags["max_steps"]
+            and recorded.is_file() and json.loads(recorded.read_text()) == stage_flags(flags))
 
 
 def train_stage(stage: str, out_dir: Path, data_dir: Path, flags: dict, launcher: str, env: dict) -> str:
@@ -132,17 +141,21 @@ def train_stage(stage: str, out_dir: Path, data_dir: Path, flags: dict, launcher
     script = str(REPO_ROOT / "scripts" / f"{stage}.py")
     args = [f"--data_path={data_dir / ('pretrain.json' if stage == 'pretrain' else 'finetune.json')}",
             f"--image_folder={data_dir / 'images'}", f"--output_dir={out_dir}"]
-    args += [f"--{k}={v}" for k, v in {**COMMON_TRAIN_FLAGS, **flags}.items()]
+    args += stage_flags(flags)
+    used = None
     if launcher == "deepspeed":
         ds = deepspeed_launcher()
         try:
             run([ds, "--num_gpus", "1", "--master_port", str(free_port()), script, *args], env, f"{stage} (deepspeed)")
-            return "deepspeed"
+            used = "deepspeed"
         except DemoError as err:
             print(f"[demo] the deepspeed launcher failed ({err}); running the same script with plain python "
                   f"instead", flush=True)
-    run([sys.executable, script, *args], env, stage)
-    return "python"
+    if used is None:
+        run([sys.executable, script, *args], env, stage)
+        used = "python"
+    (out_dir / STAGE_FLAGS_FILE).write_text(json.dumps(stage_flags(flags), indent=1))
+    return used
 
 
 def answers_complete(answers_file: Path, question_ids: list) -> bool:
@@ -388,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             if stage == "finetune":
                 flags.update(adapter=args.adapter, pretrain_mm_mlp_adapter=out / "pretrain")
             stage_dir = out / stage
-            if stage_complete(stage_dir, flags["max_steps"]):
+            if stage_complete(stage_dir, flags):
                 print(f"\n==== {stage}: {stage_dir} is complete, reused")
                 timings[stage] = 0.0
                 continue
