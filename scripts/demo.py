@@ -13,13 +13,14 @@ Every step runs the command a user would run, as a subprocess:
   6. results  a table (per benchmark, per question type, held-out combinations) next to the majority-answer
               baseline, also written to OUT/demo_results.json
 OUT is outputs/demo-<adapter> unless --out is given. Re-running reuses what is complete (a stage that ran its
-planned steps with the same flags, complete answers files, the chat reply); a stage that has to run again
+planned steps with the same flags and backbone weights, complete answers files, the chat reply); a stage that has to run again
 invalidates everything after it. Without a usable `deepspeed` launcher the training scripts run
 as plain `python` processes (the same code path, one process), and the demo says so.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -123,17 +124,25 @@ def prepare_data(data_dir: Path, settings: dict, fresh: bool) -> str:
     return manifest["status"]
 
 
-STAGE_FLAGS_FILE = "demo_flags.json"  # the flags a stage ran with: a stage run with other flags is not reused
+STAGE_RECORD_FILE = "demo_stage.json"  # what a stage ran with: flags and backbone weights; other ones are not reused
 
 
 def stage_flags(flags: dict) -> list[str]:
     return [f"--{k}={v}" for k, v in {**COMMON_TRAIN_FLAGS, **flags}.items()]
 
 
+def stage_record(flags: dict) -> dict:
+    """The stage's flags and a digest of the backbone weight files (remade weights keep their paths)."""
+    digest = hashlib.sha256()
+    for path in sorted(PRETRAINED_DIR.rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return {"flags": stage_flags(flags), "backbone_weights_sha256": digest.hexdigest()}
+
+
 def stage_complete(out_dir: Path, flags: dict) -> bool:
-    summary, recorded = out_dir / "train_summary.json", out_dir / STAGE_FLAGS_FILE
+    summary, recorded = out_dir / "train_summary.json", out_dir / STAGE_RECORD_FILE
     return (summary.is_file() and json.loads(summary.read_text()).get("steps") == flags["max_steps"]
-            and recorded.is_file() and json.loads(recorded.read_text()) == stage_flags(flags))
+            and recorded.is_file() and json.loads(recorded.read_text()) == stage_record(flags))
 
 
 def train_stage(stage: str, out_dir: Path, data_dir: Path, flags: dict, launcher: str, env: dict) -> str:
@@ -154,7 +163,7 @@ def train_stage(stage: str, out_dir: Path, data_dir: Path, flags: dict, launcher
     if used is None:
         run([sys.executable, script, *args], env, stage)
         used = "python"
-    (out_dir / STAGE_FLAGS_FILE).write_text(json.dumps(stage_flags(flags), indent=1))
+    (out_dir / STAGE_RECORD_FILE).write_text(json.dumps(stage_record(flags), indent=1))
     return used
 
 

@@ -89,6 +89,9 @@ def test_demo_reuses_a_stage_only_with_its_flags(tmp_path, bad):
     flags = {"max_steps": 3, "learning_rate": 1e-3}
     (tmp_path / "train_summary.json").write_text(json.dumps({"steps": 3}))
     assert not demo.stage_complete(tmp_path, flags)  # no record of its flags: run again
-    (tmp_path / demo.STAGE_FLAGS_FILE).write_text(json.dumps(demo.stage_flags(flags)))
+    (tmp_path / demo.STAGE_RECORD_FILE).write_text(json.dumps(demo.stage_record(flags)))
     assert demo.stage_complete(tmp_path, flags)
     assert not demo.stage_complete(tmp_path, {**flags, bad: 4})
+    record = demo.stage_record(flags)  # same flags, other backbone weights under the same paths
+    (tmp_path / demo.STAGE_RECORD_FILE).write_text(json.dumps({**record, "backbone_weights_sha256": "0" * 64}))
+    assert not demo.stage_complete(tmp_path, flags)
