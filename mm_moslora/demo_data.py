@@ -703,7 +703,7 @@ def ask(kind: str, scene: Scene, rng, focus: int | None = None, want: bool | Non
 
 
 def ask_mixed(scene: Scene, rng, kinds: dict[str, float], allowed_combos, focus=None,
-               avoid: Iterable[str] = ()) -> QA | None:
+              avoid: Iterable[str] = ()) -> QA | None:
     """A question of a kind drawn with ``kinds``' weights; retries kinds that do not apply to the
     scene and questions already in ``avoid`` (earlier turns)."""
     avoid = set(avoid)
@@ -809,7 +809,7 @@ class _Builder:
             qas: list[QA] = []
             for _ in range(n_turns):
                 qa = ask_mixed(scene, rng, TRAIN_QUESTION_MIX, self.allowed,
-                                avoid={q.question for q in qas})
+                               avoid={q.question for q in qas})
                 if qa is not None:
                     qas.append(qa)
             rel = self.add_image(scene, f"train/{sid}.png")
@@ -909,7 +909,7 @@ def _eval_questions(b: _Builder, rng, scene: Scene, mix: dict[str, float], k: in
     qas: list[QA] = []
     for _ in range(k):
         qa = ask_mixed(scene, rng, mix, None, focus=b.focus(scene, rng),
-                        avoid={q.question for q in qas})
+                       avoid={q.question for q in qas})
         if qa is not None:
             qas.append(qa)
     return qas

@@ -13,9 +13,9 @@ Every step runs the command a user would run, as a subprocess:
   6. results  a table (per benchmark, per question type, held-out combinations) next to the majority-answer
               baseline, also written to OUT/demo_results.json
 OUT is outputs/demo-<adapter> unless --out is given. Re-running reuses what is complete (a stage that ran its
-planned steps with the same flags and backbone weights, complete answers files, the chat reply); a stage that has to run again
-invalidates everything after it. Without a usable `deepspeed` launcher the training scripts run
-as plain `python` processes (the same code path, one process), and the demo says so.
+planned steps with the same flags and backbone weights, complete answers files, the chat reply); a stage that
+has to run again invalidates everything after it. Without a usable `deepspeed` launcher the training scripts
+run as plain `python` processes (the same code path, one process), and the demo says so.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ from mm_moslora.demo_data import (SHORT_ANSWER_SUFFIX, generate, majority_baseli
 
 # The tiny backbones the demo starts from: pretrained on their own data and tasks (text for the LM, patch labels
 # for the tower), as a real run starts from Vicuna and CLIP; made by scripts/pretrain_tiny_backbones.py (see
-# mm_moslora/model/tiny_pretrain.py). Passed by path like any Hugging Face / open_clip checkpoint.
+# mm_moslora/model/tiny_pretrain.py, whose PRETRAINED_DIR this is; not imported: this orchestrator needs no torch).
+# Passed by path like any Hugging Face / open_clip checkpoint.
 PRETRAINED_DIR = REPO_ROOT / "mm_moslora" / "model" / "tiny" / "pretrained"
 BACKBONES = {"model_name_or_path": str(PRETRAINED_DIR / "lm"), "vision_tower": str(PRETRAINED_DIR / "vision"),
              "mm_vision_select_layer": -1}

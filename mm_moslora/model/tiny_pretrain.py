@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .. import demo_data as dd
+from ..data.collate import collate
 from ..data.conversation import tokenize_conversation
 from ..data.images import ImageProcessor
 from .build import TINY_DIR, build_tokenizer
@@ -40,7 +41,6 @@ from .vision import TINY_VISION_NAME, VisionTower, register_tiny_config
 PRETRAINED_DIR = TINY_DIR / "pretrained"
 LM_DIR = PRETRAINED_DIR / "lm"
 VISION_DIR = PRETRAINED_DIR / "vision"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 TRAIN_COMBOS = [c for c in dd.all_combinations() if c not in set(dd.HELD_OUT_COMBINATIONS)]
 
 
@@ -59,6 +59,8 @@ def _stream_loader(make_batch: Callable[[np.random.Generator], tuple], seed: int
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
+    # Warmup times a cosine over all steps (not train.engine.lr_lambda's cosine after warmup): the schedule the
+    # committed weights were made with, so that this module remakes them.
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
 
 
@@ -91,13 +93,9 @@ def text_example(rng, tokenizer, caption_fraction: float = 0.3, held_out: bool =
 def text_batch(rng, tokenizer, batch_size: int, held_out: bool = False):
     """Right-padded (input_ids, labels, attention_mask) (B, T) and the B sample kinds."""
     items = [text_example(rng, tokenizer, held_out=held_out) for _ in range(batch_size)]
-    length = max(len(ids) for ids, _, _ in items)
-    input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
-    labels = torch.full((batch_size, length), -100)
-    mask = torch.zeros((batch_size, length), dtype=torch.long)
-    for k, (ids, lab, _) in enumerate(items):
-        input_ids[k, :len(ids)], labels[k, :len(lab)], mask[k, :len(ids)] = ids, lab, 1
-    return input_ids, labels, mask, [kind for _, _, kind in items]
+    batch = collate([{"input_ids": ids, "labels": labels, "pixel_values": None} for ids, labels, _ in items],
+                    tokenizer.pad_token_id)
+    return batch["input_ids"], batch["labels"], batch["attention_mask"], [kind for _, _, kind in items]
 
 
 @torch.no_grad()
