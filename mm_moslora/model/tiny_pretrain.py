@@ -58,6 +58,10 @@ def _stream_loader(make_batch: Callable[[np.random.Generator], tuple], seed: int
                                             prefetch_factor=4 if workers else None))
 
 
+def _print_now(message: str) -> None:
+    print(message, flush=True)  # progress shows at once even when the output goes to a file (runs take an hour on a CPU)
+
+
 def _cosine(step: int, total: int, warmup: int) -> float:
     # Warmup times a cosine over all steps (not train.engine.lr_lambda's cosine after warmup): the schedule the
     # committed weights were made with, so that this module remakes them.
@@ -118,8 +122,9 @@ def first_answer_token_accuracy(llm, tokenizer, held_out: bool, device, n: int =
 
 
 def pretrain_tiny_lm(out_dir: Path, steps: int = 11000, batch_size: int = 128, lr: float = 1e-3,
-                     device: str = "cpu", workers: int = 0, log: Callable[[str], None] = print) -> dict:
+                     device: str = "cpu", workers: int = 0, log: Callable[[str], None] = None) -> dict:
     """Train the tiny LLaMA (config of model/tiny) from its seed-0 init and save a HF folder."""
+    log = log or _print_now
     tokenizer = build_tokenizer("tiny")
     config = AutoConfig.for_model(**json.loads((TINY_DIR / "llm_config.json").read_text()))
     torch.manual_seed(0)
@@ -167,8 +172,9 @@ def patch_labels(scene: dd.Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def pretrain_tiny_vision(out_dir: Path, steps: int = 3000, batch_size: int = 128, lr: float = 2e-3,
-                         device: str = "cpu", workers: int = 0, log: Callable[[str], None] = print) -> dict:
+                         device: str = "cpu", workers: int = 0, log: Callable[[str], None] = None) -> dict:
     """Train every block of the tiny open_clip ViT on patch labels and save an open_clip folder."""
+    log = log or _print_now
     register_tiny_config()
     torch.manual_seed(0)
     clip = open_clip.create_model(TINY_VISION_NAME)  # the whole model is saved; only .visual is trained
