@@ -20,6 +20,7 @@ run as plain `python` processes (the same code path, one process), and the demo 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -132,12 +133,18 @@ def stage_flags(flags: dict) -> list[str]:
     return [f"--{k}={v}" for k, v in {**COMMON_TRAIN_FLAGS, **flags}.items()]
 
 
-def stage_record(flags: dict) -> dict:
-    """The stage's flags and a digest of the backbone weight files (remade weights keep their paths)."""
+@functools.cache
+def backbone_digest() -> str:
+    """sha256 of the backbone weight files (remade weights keep their paths); read once per run."""
     digest = hashlib.sha256()
     for path in sorted(PRETRAINED_DIR.rglob("*.safetensors")):
         digest.update(path.read_bytes())
-    return {"flags": stage_flags(flags), "backbone_weights_sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def stage_record(flags: dict) -> dict:
+    """The stage's flags and the digest of the backbone weights it started from."""
+    return {"flags": stage_flags(flags), "backbone_weights_sha256": backbone_digest()}
 
 
 def stage_complete(out_dir: Path, flags: dict) -> bool:
