@@ -42,19 +42,21 @@ IMAGE_COLOURS = ((220, 40, 40), (30, 160, 60), (40, 70, 210), (230, 200, 30), (1
 
 
 def make_tiny_checkpoint(directory: str | Path, adapter: bool = True, conv_mode: str = "vicuna_v1",
-                         seed: int = 0, adapter_kind: str = "moslora") -> Path:
+                         seed: int = 0, adapter_kind: str = "moslora", **adapter_options) -> Path:
     """Write a stage-2 style checkpoint of the tiny model into `directory` and return its path.
 
     The random tiny model answers every image almost alike, so the projector is re-drawn at a large
     scale (image features then steer the LM) and, with `adapter`, a MoSLoRA adapter (r=8) with non-zero
     B is saved, so loading, merging and generation all depend on the saved adapter weights.
+    adapter_options: further AdapterConfig fields (e.g. mixer_init="normal", freeze_mixer=True).
     """
     with torch.random.fork_rng(devices=[]):  # adapter init draws from the global generator
         torch.manual_seed(seed)
-        return _write_tiny_checkpoint(Path(directory), adapter, conv_mode, seed, adapter_kind)
+        return _write_tiny_checkpoint(Path(directory), adapter, conv_mode, seed, adapter_kind, adapter_options)
 
 
-def _write_tiny_checkpoint(directory: Path, adapter: bool, conv_mode: str, seed: int, adapter_kind: str) -> Path:
+def _write_tiny_checkpoint(directory: Path, adapter: bool, conv_mode: str, seed: int, adapter_kind: str,
+                           adapter_options: dict) -> Path:
     model, tokenizer = build_model("tiny", mm_projector_type="mlp2x_gelu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -64,7 +66,8 @@ def _write_tiny_checkpoint(directory: Path, adapter: bool, conv_mode: str, seed:
     if adapter:
         from mm_moslora.adapters import AdapterConfig, adapter_state_dict, inject_adapters
 
-        config = AdapterConfig(adapter=adapter_kind, r=8, alpha=16.0, dropout=0.0, base_model="tiny")
+        config = AdapterConfig(adapter=adapter_kind, r=8, alpha=16.0, dropout=0.0, base_model="tiny",
+                               **adapter_options)
         inject_adapters(model.llm, config)
         with torch.no_grad():
             for name, param in model.llm.named_parameters():

@@ -68,7 +68,7 @@ def inject_adapters(llm: nn.Module, config: AdapterConfig, dtype: torch.dtype = 
     for name in targets:
         layer = MoSLoRALinear(llm.get_submodule(name), r=config.r, alpha=config.alpha, dropout=config.dropout,
                               adapter=config.adapter, mixer_init=config.mixer_init,
-                              use_rslora=config.use_rslora, dtype=dtype)
+                              use_rslora=config.use_rslora, dtype=dtype, freeze_mixer=config.freeze_mixer)
         llm.set_submodule(name, layer)
     return targets
 

@@ -3,16 +3,17 @@
     x (..., d_in) ──────────── base: frozen W (d_out, d_in), b ─────────────────┐
       │                                                                         ▼
       └─ dropout ─► A (r, d_in) ─► M (r, r) mixer ─► × s ─► B (d_out, r) ──► (+) ─► y (..., d_out)
-                    Kaiming-uniform  Kaiming-uniform or        zeros, so the
-                                     orthogonal; identity      adapted model starts
-                                     (no parameter) for LoRA   equal to the base
+                    Kaiming-uniform  see MIXER_INITS;          zeros, so the
+                                     identity (no parameter)   adapted model starts
+                                     for LoRA                  equal to the base
 
     y = W x + b + s · B M A dropout(x),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
 Mixture-of-Subspaces LoRA (Wu et al., "Mixture-of-Subspaces in Low-Rank Adaptation", arXiv 2406.11909): plain
 LoRA's B A is a sum of r rank-1 subspaces paired one-to-one; the r×r mixer M between A and B lets every
 A-subspace feed every B-subspace. The paper trains M jointly with A and B and compares mixer initialisations
-(Kaiming-uniform, the default here, against orthogonal). Because B M A is still a (d_out, d_in) rank-r matrix, it merges
+(its ablation: zero, identity, normal, orthogonal, Kaiming-uniform; Kaiming is the default here). With
+`freeze_mixer` M keeps its initial value (it is still a tensor of the adapter, saved and folded like a trained one). Because B M A is still a (d_out, d_in) rank-r matrix, it merges
 into W exactly like LoRA, and folding M into A (A' = M A) turns a MoSLoRA adapter into a plain LoRA one.
 """
 
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ADAPTER_KINDS = ("moslora", "lora")
-MIXER_INITS = ("kaiming", "orthogonal")
+# The paper's ablation. "normal" is N(0, 1/r²) (PEFT's Gaussian LoRA init); "zero" makes B M A's gradients all
+# zero (B and M start at 0), so nothing trains: the paper's "does not converge", kept so it can be shown.
+MIXER_INITS = ("kaiming", "orthogonal", "normal", "identity", "zero")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -59,6 +62,7 @@ class AdapterConfig:
     alpha: float = 256.0
     dropout: float = 0.05
     mixer_init: str = "kaiming"
+    freeze_mixer: bool = False
     use_rslora: bool = False
     target_modules: list[str] | str | None = None
     base_model: str | None = None
@@ -68,6 +72,11 @@ class AdapterConfig:
             raise ValueError(f"adapter must be one of {ADAPTER_KINDS}, got {self.adapter!r}")
         if self.mixer_init not in MIXER_INITS:
             raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {self.mixer_init!r}")
+        if self.adapter == "lora" and (self.mixer_init != "kaiming" or self.freeze_mixer):
+            raise ValueError("adapter 'lora' has no mixer (M is the identity): mixer_init and freeze_mixer apply to "
+                             "'moslora' only (moslora with mixer_init='identity' and freeze_mixer=True is LoRA)")
+        if not isinstance(self.freeze_mixer, bool):
+            raise ValueError(f"freeze_mixer must be true or false, got {self.freeze_mixer!r}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not self.alpha > 0:
@@ -111,12 +120,15 @@ class MoSLoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, adapter: str = "moslora",
-                 mixer_init: str = "kaiming", use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+                 mixer_init: str = "kaiming", use_rslora: bool = False, dtype: torch.dtype = torch.float32,
+                 freeze_mixer: bool = False):
         super().__init__()
         if adapter not in ADAPTER_KINDS:
             raise ValueError(f"adapter must be one of {ADAPTER_KINDS}, got {adapter!r}")
         if mixer_init not in MIXER_INITS:
             raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
+        if adapter == "lora" and freeze_mixer:
+            raise ValueError("freeze_mixer applies to adapter 'moslora' only: 'lora' has no mixer")
         self.base = base.requires_grad_(False)
         self.adapter, self.r, self.alpha, self.mixer_init = adapter, r, alpha, mixer_init
         self.scaling = lora_scaling(r, alpha, use_rslora)
@@ -126,7 +138,7 @@ class MoSLoRALinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=device))
         if adapter == "moslora":
-            self.lora_M = nn.Parameter(torch.empty(r, r, dtype=dtype, device=device))
+            self.lora_M = nn.Parameter(torch.empty(r, r, dtype=dtype, device=device), requires_grad=not freeze_mixer)
         else:
             self.register_parameter("lora_M", None)
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, dtype=dtype, device=device))
@@ -135,17 +147,25 @@ class MoSLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """A and M: Kaiming-uniform(a=√5) (M: orthogonal if asked); B: zeros, so the update starts at 0.
+        """A: Kaiming-uniform(a=√5); M: as `mixer_init` says; B: zeros, so the update starts at 0.
 
         Drawn in fp32 and then cast, so bf16 adapters get the same distribution (orthogonal_ needs fp32 QR).
+        identity and zero draw no random numbers, so MoSLoRA with a frozen identity mixer equals LoRA exactly.
         """
         for name in ("lora_A", "lora_M"):
             param = getattr(self, name)
             if param is None:
                 continue
             values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
-            if name == "lora_M" and self.mixer_init == "orthogonal":
+            init = self.mixer_init if name == "lora_M" else "kaiming"
+            if init == "orthogonal":
                 nn.init.orthogonal_(values)
+            elif init == "normal":
+                nn.init.normal_(values, std=1.0 / self.r)
+            elif init == "identity":
+                nn.init.eye_(values)
+            elif init == "zero":
+                values.zero_()
             else:
                 nn.init.kaiming_uniform_(values, a=math.sqrt(5))
             param.copy_(values)
@@ -208,7 +228,8 @@ class MoSLoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"adapter={self.adapter}, r={self.r}, scaling={self.scaling:g}, "
+        mixer = "" if self.lora_M is None else f", mixer={self.mixer_init}{'' if self.lora_M.requires_grad else ' (frozen)'}"
+        return (f"adapter={self.adapter}, r={self.r}, scaling={self.scaling:g}{mixer}, "
                 f"dtype={self.lora_A.dtype}, merged={self.merged}")
 
 

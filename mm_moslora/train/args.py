@@ -11,6 +11,8 @@ DEFAULT_DEMO_DIR = "outputs/demo_data"
 DEFAULT_OUTPUT = {"pretrain": "outputs/pretrain-tiny", "finetune": "outputs/finetune-tiny"}
 VERSION_TO_TEMPLATE = {"plain": "plain", "v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "llava_v1": "vicuna_v1",
                        "chat_template": "chat_template", "qwen_2": "chat_template", "llama3": "chat_template"}
+# adapters.moslora.MIXER_INITS, repeated so that --help answers without importing torch (a test keeps them equal).
+MIXER_INITS = ("kaiming", "orthogonal", "normal", "identity", "zero")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
 
 
@@ -51,7 +53,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a.add_argument("--lora_r", type=int, default=64 if stage == "finetune" else 0)
     a.add_argument("--lora_alpha", type=float, default=128)
     a.add_argument("--lora_dropout", type=float, default=0.05)
-    a.add_argument("--mixer_init", default="kaiming", choices=["kaiming", "orthogonal"])
+    a.add_argument("--mixer_init", default="kaiming", choices=list(MIXER_INITS),
+                   help="initial MoSLoRA mixer M (the paper's ablation; zero does not train at all)")
+    flag("--freeze_mixer", False, "keep the MoSLoRA mixer M at its initial value (still saved and exported)")
     flag("--use_rslora", False)
     a.add_argument("--lora_target_modules", default=None,
                    help="comma-separated module-name suffixes or one regex (default: q,k,v,o,gate,up,down projections)")
@@ -102,6 +106,8 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     args.template = VERSION_TO_TEMPLATE[args.version]
     if args.bf16 and args.fp16:
         parser.error("--bf16 and --fp16 are exclusive")
+    if args.adapter == "lora" and (args.mixer_init != "kaiming" or args.freeze_mixer):
+        parser.error("--mixer_init and --freeze_mixer apply to --adapter moslora only: LoRA has no mixer")
     if stage == "finetune" and args.lora_r <= 0:
         parser.error("--lora_r must be positive for finetuning")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):

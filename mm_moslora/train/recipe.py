@@ -97,7 +97,8 @@ def set_trainable(model, args: argparse.Namespace, dtype: torch.dtype) -> Adapte
     if targets and re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", targets):  # plain names: a list; otherwise a regex
         targets = [t.strip() for t in targets.split(",")]
     config = AdapterConfig(adapter=args.adapter, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                           mixer_init=args.mixer_init, use_rslora=args.use_rslora, target_modules=targets,
+                           mixer_init=args.mixer_init, freeze_mixer=args.freeze_mixer, use_rslora=args.use_rslora,
+                           target_modules=targets,
                            base_model=args.model_name_or_path)
     torch.manual_seed(args.seed)  # adapter init does not depend on what was built before
     inject_adapters(model.llm, config, dtype=dtype)
