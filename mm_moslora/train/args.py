@@ -40,7 +40,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     m.add_argument("--mm_vision_select_feature", default="patch", choices=["patch", "cls_patch"])
     m.add_argument("--mm_projector_type", default="mlp2x_gelu")
     m.add_argument("--pretrain_mm_mlp_adapter", default=None,
-                   help="stage-1 output folder, or a projector file (.safetensors, or LLaVA's mm_projector.bin)")
+                   help="stage-1 projector: our stage-1 output folder or its .safetensors, LLaVA's mm_projector.bin, or "
+                        "xtuner's projector folder (config.json + model.safetensors)")
     m.add_argument("--attn_implementation", default="sdpa")
     flag("--tune_mm_mlp_adapter", stage == "pretrain", "train the projector (LLaVA's stage-1 flag)")
     flag("--freeze_mm_mlp_adapter", False, "keep the projector frozen")

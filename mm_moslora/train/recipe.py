@@ -26,7 +26,7 @@ from ..data.collate import collate, epoch_batches
 from ..data.dataset import LlavaDataset, load_llava_data
 from ..data.images import ImageProcessor
 from ..model.build import build_model, mm_config_for, save_mm_checkpoint, weights_fingerprint
-from ..model.projector import load_projector_state
+from ..model.projector import ProjectorFileError, load_pretrained_projector
 from .args import DEFAULT_DEMO_DIR
 from .checkpoint import (latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
                          save_training_checkpoint)
@@ -68,19 +68,6 @@ def default_data(args: argparse.Namespace, rank: int) -> None:
     args.data_path = f"{DEFAULT_DEMO_DIR}/{'pretrain' if args.stage == 'pretrain' else 'finetune'}.json"
     args.image_folder = args.image_folder or f"{DEFAULT_DEMO_DIR}/images"
     log.info("no --data_path: training on the built-in demo data %s", args.data_path)
-
-
-def load_stage1_projector(model, path: str) -> None:
-    """--pretrain_mm_mlp_adapter: a stage-1 output folder, a .safetensors file or LLaVA's mm_projector.bin."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "mm_projector.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {path}: no projector file found")
-    state = load_file(str(p)) if p.suffix == ".safetensors" else torch.load(p, map_location="cpu", weights_only=True)
-    load_projector_state(model.projector, state)
 
 
 def set_trainable(model, args: argparse.Namespace, dtype: torch.dtype) -> AdapterConfig | None:
@@ -141,11 +128,11 @@ def train(args: argparse.Namespace) -> dict:
                                    random_init_llm=args.random_init_llm, init_device=device)
     llm_fingerprint = weights_fingerprint(model.llm)
     if args.pretrain_mm_mlp_adapter:
-        load_stage1_projector(model, args.pretrain_mm_mlp_adapter)
+        load_pretrained_projector(model.projector, args.pretrain_mm_mlp_adapter, args.mm_projector_type)
     elif args.stage == "finetune":
         default_stage1 = Path("outputs/pretrain-tiny")
         if args.model_name_or_path == "tiny" and (default_stage1 / "mm_projector.safetensors").exists():
-            load_stage1_projector(model, str(default_stage1))
+            load_pretrained_projector(model.projector, default_stage1, args.mm_projector_type)
             log.info("loaded the stage-1 projector from %s", default_stage1)
         else:
             log.warning("no --pretrain_mm_mlp_adapter: the projector starts from random weights")
@@ -307,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         train(args)
-    except (ConfigError, DataValidationError, FileNotFoundError, DivergenceError) as err:
+    except (ConfigError, DataValidationError, FileNotFoundError, DivergenceError, ProjectorFileError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     return 0
