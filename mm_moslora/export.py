@@ -57,14 +57,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from .adapters.inject import unload_adapters
-from .adapters.io import ADAPTER_CONFIG_NAME, adapter_state_dict, export_peft, read_adapter_config, save_adapter
+from .adapters.inject import adapter_modules, unload_adapters
+from .adapters.io import (ADAPTER_CONFIG_NAME, adapter_state_dict, export_peft, export_peft_layers,
+                          read_adapter_config, save_adapter)
+from .adapters.vision import (VISION_ADAPTER_DIR, hf_clip_module_name, save_vision_adapter,
+                              unload_vision_adapters)
 from .adapters.moslora import AdapterConfig
 from .data.conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM
 from .model.build import MM_CONFIG, PROJECTOR_FILE, TINY, load_checkpoint, parse_dtype, read_mm_config
@@ -76,10 +80,13 @@ log = logging.getLogger(__name__)
 EXPORT_FORMATS = ("merged", "peft", "hf-llava")
 LLM_DIR = "llm"
 PEFT_DIR = "llm_adapter"
+# peft exports of a checkpoint whose tower has an adapter too: stock PEFT adapts the transformers LLaVA model.
+PEFT_LLAVA_BASE_DIR = "hf_llava_base"
+PEFT_LLAVA_DIR = "llava_adapter"
 TOKENIZER_DIR = "tokenizer"
 VISION_FILE = "vision_tower.safetensors"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_STEP_COUNTS = {"merged": 3, "peft": 2, "hf-llava": 4}  # progress steps of each writer, after loading
+_STEP_COUNTS = {"merged": 3, "peft": 2, "hf-llava": 4, "peft-llava": 4}  # progress steps of each writer, after loading
 
 
 class ExportError(ValueError):
@@ -113,17 +120,33 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, export
     if export == "peft" and not has_adapter:
         raise ExportError(f"{checkpoint_dir} holds no MoSLoRA adapter ({ADAPTER_CONFIG_NAME}): there is nothing to "
                           f"export as PEFT; use --export merged")
-    if export == "hf-llava" and mm_config.get("mm_projector_type") != "mlp2x_gelu":
-        raise ExportError(_projector_message(mm_config.get("mm_projector_type")))
+    has_vision_adapter = (checkpoint_dir / VISION_ADAPTER_DIR / ADAPTER_CONFIG_NAME).is_file()
+    # A tower adapter has no place in a PEFT adapter of the bare LM: stock PEFT carries it only on the transformers
+    # LLaVA form of the model (CLIP's q/k/v/out/fc1/fc2 projections), which the hf-llava conversion builds.
+    writer = "peft-llava" if export == "peft" and has_vision_adapter else export
+    if writer in ("hf-llava", "peft-llava") and mm_config.get("mm_projector_type") != "mlp2x_gelu":
+        message = _projector_message(mm_config.get("mm_projector_type"))
+        raise ExportError(message if writer == "hf-llava" else _peft_llava_message(message))
 
-    steps = {"merged": _merged_steps, "peft": _peft_steps, "hf-llava": _hf_llava_steps}[export]
-    with tqdm(total=1 + _STEP_COUNTS[export], desc=f"export {export}", unit="step", disable=not progress) as bar:
+    steps = {"merged": _merged_steps, "peft": _peft_steps, "hf-llava": _hf_llava_steps,
+             "peft-llava": _peft_llava_steps}[writer]
+    with tqdm(total=1 + _STEP_COUNTS[writer], desc=f"export {export}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("loading the checkpoint")
         # fp32 whatever the output dtype: merging adds in fp32 and rounds once at the end.
         model, tokenizer, mm_config = load_checkpoint(checkpoint_dir, dtype=torch.float32, device="cpu")
         bar.update()
-        if export == "hf-llava":  # fail before anything is written
+        if writer == "hf-llava":  # fail before anything is written
+            merge_vision_adapters(model)  # the conversion reads the plain (merged) tower
             check_llava_convertible(model, tokenizer, mm_config)
+        elif writer == "peft-llava":  # the base it writes: the tower without its adapters
+            bare_tower = copy.deepcopy(model.vision)
+            unload_vision_adapters(bare_tower.visual, merge=False)
+            try:
+                check_llava_convertible(SimpleNamespace(vision=bare_tower, projector=model.projector), tokenizer,
+                                        mm_config)
+            except ExportError as err:
+                raise ExportError(_peft_llava_message(str(err))) from None
+            del bare_tower
         with staging_dir(output_dir, overwrite) as staging:
             for step in steps(model, tokenizer, mm_config, checkpoint_dir, staging, out_dtype):
                 bar.set_postfix_str(step)
@@ -199,6 +222,15 @@ def merge_llm_adapters(llm: nn.Module) -> list[str]:
     return unload_adapters(llm, merge=True)
 
 
+def merge_vision_adapters(model: MultimodalLM) -> bool:
+    """Fold the tower's adapters into its weights and re-pack its attention (a plain open_clip tower again);
+    returns whether it had any."""
+    if not adapter_modules(model.vision.visual):
+        return False
+    unload_vision_adapters(model.vision.visual, merge=True)
+    return True
+
+
 def _save_tensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
     save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(path),
               metadata={"format": "pt"})
@@ -208,11 +240,15 @@ def _write_json(path: Path, values: dict) -> None:
     path.write_text(json.dumps(values, indent=2) + "\n")
 
 
-def _write_common(model: MultimodalLM, tokenizer, checkpoint_dir: Path, out: Path, dtype: torch.dtype) -> None:
-    """tokenizer/, the projector and, when the tower was tuned, its weights (copied as trained)."""
+def _write_common(model: MultimodalLM, tokenizer, checkpoint_dir: Path, out: Path, dtype: torch.dtype,
+                  merged_tower: bool = False) -> None:
+    """tokenizer/, the projector and, when the tower was tuned, its weights: copied as trained, or, when its
+    adapters were merged (`merged_tower`), the merged tower's (fp32, as open_clip keeps towers)."""
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
     _save_tensors(model.projector.state_dict(), out / PROJECTOR_FILE, dtype)
-    if (checkpoint_dir / VISION_FILE).is_file():
+    if merged_tower:
+        _save_tensors(model.vision.visual.state_dict(), out / VISION_FILE, torch.float32)
+    elif (checkpoint_dir / VISION_FILE).is_file():
         shutil.copyfile(checkpoint_dir / VISION_FILE, out / VISION_FILE)
 
 
@@ -227,16 +263,21 @@ def _adapter_config(checkpoint_dir: Path) -> AdapterConfig | None:
 def _merged_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
                   dtype: torch.dtype) -> Iterator[str]:
     adapter_config = _adapter_config(checkpoint_dir)
+    vision_config = _adapter_config(checkpoint_dir / VISION_ADAPTER_DIR)
     merge_llm_adapters(model.llm)
+    merged_tower = merge_vision_adapters(model)
     model.llm.to(dtype)
     yield "merged the adapters"
     model.llm.save_pretrained(out / LLM_DIR)
     yield "wrote the LM"
-    _write_common(model, tokenizer, checkpoint_dir, out, dtype)
-    config = {k: v for k, v in mm_config.items() if k != "llm_fingerprint"}  # the merged LM is no longer that base
+    _write_common(model, tokenizer, checkpoint_dir, out, dtype, merged_tower=merged_tower)
+    # The merged LM is no longer that base; the tower's adapter now lives in vision_tower.safetensors.
+    config = {k: v for k, v in mm_config.items() if k not in ("llm_fingerprint", "vision_adapter")}
     config.update(merged=True, dtype=DTYPE_NAMES[dtype])
     if adapter_config is not None:
         config["merged_adapter"] = adapter_config.to_dict()
+    if vision_config is not None:
+        config["merged_vision_adapter"] = vision_config.to_dict()
     _write_json(out / MM_CONFIG, config)
     yield "wrote tokenizer, projector, mm_config"
 
@@ -566,6 +607,7 @@ def _hf_llava_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_
                     "non-square images. Pad them yourself (mm_moslora.data.images.pad_to_square, mean colour) "
                     "for the trained model's exact inputs.")
     merge_llm_adapters(model.llm)
+    merge_vision_adapters(model)
     yield "merged the adapters"
     llava, processor = build_llava(model, copy.deepcopy(tokenizer), mm_config)
     yield "converted to LLaVA"
@@ -573,3 +615,67 @@ def _hf_llava_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_
     yield "wrote the model"
     processor.save_pretrained(out)
     yield "wrote the processor"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peft, for a checkpoint whose vision tower has an adapter too
+
+
+def _peft_llava_message(reason: str) -> str:
+    return (f"--export peft: this checkpoint has a vision-tower adapter, which stock PEFT can carry only on the "
+            f"transformers LLaVA form of the model, and that conversion is not possible here ({reason}); "
+            f"use --export merged, which folds both adapters into the weights")
+
+
+def llava_module_names(llava, lm_bases: dict[int, str], vision_names: list[str]) -> dict[str, str]:
+    """Our adapter module names (`llm.<name>`, `vision.<name>`) -> the same modules' names in `llava`.
+
+    LM modules are found by identity (build_llava takes over the LM's modules); tower modules by the open_clip ->
+    HF CLIP naming of the converted tower, checked to exist.
+    """
+    names = {f"llm.{lm_bases[id(module)]}": name for name, module in llava.named_modules() if id(module) in lm_bases}
+    if len(names) != len(lm_bases):
+        raise ExportError(f"--export peft: {len(lm_bases) - len(names)} adapted LM modules are not in the LLaVA model")
+    tower = llava.model.vision_tower
+    clip = getattr(tower, "vision_model", tower)
+    clip_prefix = next(name for name, module in llava.named_modules() if module is clip)
+    for ours in vision_names:
+        theirs = f"{clip_prefix}.{hf_clip_module_name(ours)}"
+        llava.get_submodule(theirs)  # raises if the conversion named it otherwise
+        names[f"vision.{ours}"] = theirs
+    return names
+
+
+def _peft_llava_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
+                      dtype: torch.dtype) -> Iterator[str]:
+    """OUT/hf_llava_base/: the hf-llava export of the model *without* its adapters (base LM, base tower, trained
+    projector); OUT/llava_adapter/: a stock PEFT LoRA over it with both adapters, M folded into A, so
+
+        PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(OUT/hf_llava_base), OUT/llava_adapter)
+
+    answers as the checkpoint does. Our own files sit beside them, so load_checkpoint(OUT) still works."""
+    lm_config = read_adapter_config(checkpoint_dir)
+    vision_config = read_adapter_config(checkpoint_dir / VISION_ADAPTER_DIR)
+    lm_state, vision_state = adapter_state_dict(model.llm), adapter_state_dict(model.vision.visual)
+    save_adapter(out, lm_config, lm_state)
+    save_vision_adapter(out, vision_config, vision_state)
+    _write_common(model, tokenizer, checkpoint_dir, out, dtype)
+    _write_json(out / MM_CONFIG, {**mm_config, "merged": False, "peft_adapter": PEFT_LLAVA_DIR})
+    yield "wrote our own adapter files"
+    lm_bases = {id(module.base): name for name, module in adapter_modules(model.llm).items()}
+    vision_names = list(adapter_modules(model.vision.visual))
+    unload_adapters(model.llm, merge=False)
+    unload_vision_adapters(model.vision.visual, merge=False)
+    llava, processor = build_llava(model, copy.deepcopy(tokenizer), mm_config)
+    names = llava_module_names(llava, lm_bases, vision_names)
+    yield "converted the base to LLaVA"
+    llava.to(dtype).save_pretrained(out / PEFT_LLAVA_BASE_DIR)
+    processor.save_pretrained(out / PEFT_LLAVA_BASE_DIR)
+    yield "wrote the LLaVA base"
+    layers = {}
+    for prefix, config, state in (("llm", lm_config, lm_state), ("vision", vision_config, vision_state)):
+        for key, tensor in state.items():
+            module, param = key.rsplit(".", 1)
+            layers.setdefault(names[f"{prefix}.{module}"], {"config": config})[param] = tensor
+    export_peft_layers(out / PEFT_LLAVA_DIR, layers, base_model_name_or_path=PEFT_LLAVA_BASE_DIR)  # beside it
+    yield "wrote the PEFT adapter"

@@ -35,6 +35,8 @@ TIMEOUT = 420
 FAST = ["--lora_r", "8", "--lora_alpha", "16", "--per_device_train_batch_size", "4", "--report_to", "none"]
 SUMMARY = "[mm_moslora] finetune done:"
 INFERENCE_FILES = ("moslora_adapter.safetensors", "mm_projector.safetensors")
+VISION_ADAPTER = ["--vision_adapter", "moslora", "--vision_lora_r", "4", "--vision_lora_dropout", "0.1"]
+VISION_ADAPTER_FILE = "vision_adapter/moslora_adapter.safetensors"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one torch thread per subprocess
 
 
@@ -92,8 +94,9 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 # ---------------------------------------------------------------- 1. exact resume
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(small_demo_data, tmp_path):
+    # With adapters on the vision tower too (dropout on both sides): they resume exactly like the LM's.
     flags = [*data_flags(small_demo_data), *FAST, "--max_steps", "6", "--save_steps", "2", "--lora_dropout", "0.1",
-             "--report_to", "tensorboard"]
+             "--report_to", "tensorboard", *VISION_ADAPTER]
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     # Both start together: the one to be killed is only needed up to its first checkpoint.
     reference = start(finetune_cmd(*flags, "--output_dir", reference_dir), tmp_path, "reference")
@@ -114,13 +117,14 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(small_demo_da
     assert not (resumed_dir / "checkpoints" / "tmp-step-99").exists()
     finish(reference)
 
-    for name in INFERENCE_FILES:
+    for name in (*INFERENCE_FILES, VISION_ADAPTER_FILE):
         expected, got = load_file(str(reference_dir / name)), load_file(str(resumed_dir / name))
         assert expected.keys() == got.keys() and expected
         for key in expected:
             assert (expected[key] - got[key]).abs().max() <= 1e-6, f"{name}: {key} differs after resuming"
-    adapter = load_file(str(reference_dir / INFERENCE_FILES[0]))
-    assert all(t.abs().sum() > 0 for k, t in adapter.items() if k.endswith("lora_B"))  # B starts at zero: it trained
+    for name in (INFERENCE_FILES[0], VISION_ADAPTER_FILE):
+        adapter = load_file(str(reference_dir / name))
+        assert all(t.abs().sum() > 0 for k, t in adapter.items() if k.endswith("lora_B"))  # B starts at 0: it trained
     summaries = [json.loads((d / "train_summary.json").read_text()) for d in (reference_dir, resumed_dir)]
     for key in ("steps", "samples", "final_loss"):
         assert summaries[0][key] == summaries[1][key], key
@@ -218,7 +222,7 @@ def test_two_ranks_save_the_full_gathered_weights(config, small_demo_data, tmp_p
 
     out = tmp_path / "out"
     proc = run([DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", free_port(), SCRIPTS / "finetune.py",
-                "--deepspeed", CONFIGS / f"{config}.json", *data_flags(small_demo_data), *FAST,
+                "--deepspeed", CONFIGS / f"{config}.json", *data_flags(small_demo_data), *FAST, *VISION_ADAPTER,
                 "--max_steps", "2", "--save_steps", "0", "--output_dir", out], cwd=tmp_path)
     assert f"{SUMMARY} 2 steps" in proc.stdout
 
@@ -231,7 +235,10 @@ def test_two_ranks_save_the_full_gathered_weights(config, small_demo_data, tmp_p
 
     # The same tensors as DeepSpeed's own consolidation of the (partitioned) checkpoint.
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step-2")
-    for prefix, saved in (("llm.", adapter), ("projector.", projector)):
+    vision_adapter = load_file(str(out / VISION_ADAPTER_FILE))  # the tower's adapter, gathered as well
+    assert vision_adapter and all(t.numel() > 0 for t in vision_adapter.values())
+    assert all(t.abs().sum() > 0 for k, t in vision_adapter.items() if k.endswith("lora_B"))
+    for prefix, saved in (("llm.", adapter), ("projector.", projector), ("vision.visual.", vision_adapter)):
         for key, tensor in saved.items():
             assert torch.equal(consolidated[prefix + key], tensor), key
     for name in INFERENCE_FILES:  # the step folder holds the same inference files

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -170,6 +171,40 @@ def export_peft(directory: str, config: AdapterConfig, state_dict: dict[str, tor
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.use_rslora,
         target_modules=sorted(layers), bias="none", task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path or config.base_model)
+    os.makedirs(directory, exist_ok=True)
+    peft_config.save_pretrained(directory)
+    save_file(peft_state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def export_peft_layers(directory: str, layers: dict[str, dict], base_model_name_or_path: str | None = None) -> None:
+    """A stock PEFT LoRA folder for adapters of several configs (e.g. an LM's and a vision tower's in one model).
+
+    layers: {module name in the PEFT base model: {"config": AdapterConfig, "lora_A", "lora_B"[, "lora_M"]}}.
+    Each module keeps its own rank and scale through PEFT's rank_pattern / alpha_pattern (alpha = scale x rank,
+    so rsLoRA adapters map exactly too); M is folded into A in fp32. Raises ValueError on an incomplete module.
+    """
+    from collections import Counter
+
+    from peft import LoraConfig
+
+    if not layers:
+        raise ValueError("no adapter layers to export")
+    peft_state, ranks, alphas = {}, {}, {}
+    for name, params in layers.items():
+        if "lora_A" not in params or "lora_B" not in params:
+            raise ValueError(f"module {name} lacks lora_A or lora_B")
+        config = params["config"]
+        peft_state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = fold_mixer(params["lora_A"], params.get("lora_M")).contiguous()
+        peft_state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = params["lora_B"].float().contiguous()
+        ranks[name], alphas[name] = config.r, config.scaling * config.r
+    (r, alpha), _ = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0]
+    # Escaped full module names as patterns: PEFT matches a pattern (a regex) against the end of each module name.
+    rank_pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
+    alpha_pattern = {re.escape(name): a for name, a in alphas.items() if a != alpha}
+    dropout = next(iter(layers.values()))["config"].dropout
+    peft_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(layers),
+                             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, bias="none",
+                             base_model_name_or_path=base_model_name_or_path)
     os.makedirs(directory, exist_ok=True)
     peft_config.save_pretrained(directory)
     save_file(peft_state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -152,8 +152,25 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype | str = torch
         load_adapter(llm, checkpoint_dir)
         if merge:
             merge_adapters(llm)
+    load_tower_adapter(vision, checkpoint_dir, cfg, merge)
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer, cfg
+
+
+def load_tower_adapter(vision: VisionTower, checkpoint_dir: Path, cfg: dict, merge: bool) -> None:
+    """The tower's adapter folder, when the checkpoint has one; an mm_config that names one whose folder is gone
+    is an error, never a silently bare tower."""
+    from ..adapters.vision import VISION_ADAPTER_DIR, load_vision_adapter, unload_vision_adapters
+
+    folder = checkpoint_dir / VISION_ADAPTER_DIR
+    if not folder.is_dir():
+        if cfg.get("vision_adapter"):
+            raise FileNotFoundError(f"{checkpoint_dir}: mm_config.json names a vision-tower adapter but "
+                                    f"{VISION_ADAPTER_DIR}/ is missing")
+        return
+    load_vision_adapter(vision.visual, folder)
+    if merge:
+        unload_vision_adapters(vision.visual, merge=True)
 
 
 def mm_config_for(model: MultimodalLM, model_name_or_path: str, mm_projector_type: str, conv_mode: str,
@@ -170,10 +187,12 @@ def mm_config_for(model: MultimodalLM, model_name_or_path: str, mm_projector_typ
 
 def save_mm_checkpoint(out_dir: str | Path, mm_config: dict, tokenizer: PreTrainedTokenizerBase,
                        projector_state: dict[str, torch.Tensor], adapter: tuple | None = None,
-                       vision_state: dict[str, torch.Tensor] | None = None) -> None:
+                       vision_state: dict[str, torch.Tensor] | None = None,
+                       vision_adapter: tuple | None = None) -> None:
     """Write the inference files of a checkpoint into `out_dir` (created if needed).
 
-    adapter: (AdapterConfig, state_dict) for stage-2 outputs. State dicts must already be gathered
+    adapter / vision_adapter: (AdapterConfig, state_dict) of the LM's / the tower's adapter (stage 2).
+    State dicts must already be gathered
     (ZeRO-3) and on the CPU: the training loop owns that.
     """
     from safetensors.torch import save_file
@@ -190,3 +209,7 @@ def save_mm_checkpoint(out_dir: str | Path, mm_config: dict, tokenizer: PreTrain
                   str(out_dir / "vision_tower.safetensors"))
     if adapter is not None:
         save_adapter(out_dir, adapter[0], adapter[1])
+    if vision_adapter is not None:
+        from ..adapters.vision import save_vision_adapter
+
+        save_vision_adapter(out_dir, *vision_adapter)

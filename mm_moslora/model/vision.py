@@ -103,14 +103,39 @@ class VisionTower(nn.Module):
         super().train(mode)
         if not self.trainable:
             self.visual.eval()  # frozen tower keeps eval-mode behaviour (no dropout)
+            for module in self.adapter_layers():  # its adapters (dropout) follow the mode
+                module.train(mode)
         return self
+
+    def adapter_layers(self) -> list[nn.Module]:
+        """The tower's MoSLoRA layers (see mm_moslora.adapters.vision); empty when it has none."""
+        from ..adapters.inject import adapter_modules
+
+        return list(adapter_modules(self.visual).values())
+
+    def add_adapters(self, config, dtype: torch.dtype | None = None) -> list[str]:
+        """Inject MoSLoRA/LoRA layers by `config` (an AdapterConfig) into the frozen tower; returns their names."""
+        from ..adapters.vision import inject_vision_adapters
+
+        if self.trainable:
+            raise ValueError("the vision tower is fully trainable (--unfreeze_mm_vision_tower): an adapter on it "
+                             "would train alongside every weight it adapts; choose one of the two")
+        names = inject_vision_adapters(self.visual, config, dtype=dtype or self.dtype)
+        self.train(self.training)
+        return names
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations (open_clip's own checkpointing)."""
+        self.visual.set_grad_checkpointing(enabled)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+        # Gradients flow through the tower when it is tuned, fully or by its adapters.
+        needs_grad = self.trainable or any(p.requires_grad for p in self.visual.parameters())
+        with torch.set_grad_enabled(needs_grad and torch.is_grad_enabled()):
             out = self.visual.forward_intermediates(
                 pixels.to(self.dtype), indices=[self.block_index], stop_early=True, intermediates_only=True,
                 output_fmt="NLC", output_extra_tokens=self.select_feature == "cls_patch")

@@ -60,6 +60,21 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     flag("--use_rslora", False)
     a.add_argument("--lora_target_modules", default=None,
                    help="comma-separated module-name suffixes or one regex (default: q,k,v,o,gate,up,down projections)")
+    v = p.add_argument_group("vision-tower adapter (stage 2; same layer, --mixer_init and --freeze_mixer as the LM's)")
+    v.add_argument("--vision_adapter", default="none", choices=["none", "moslora", "lora"],
+                   help="adapters on the frozen vision tower (the MoSLoRA paper: moslora, r 64, alpha 16)")
+    v.add_argument("--vision_lora_r", type=int, default=64)
+    v.add_argument("--vision_lora_alpha", type=float, default=16)
+    v.add_argument("--vision_lora_dropout", type=float, default=0.05)
+    v.add_argument("--vision_lora_target_modules", default=None,
+                   help="comma-separated suffixes or one regex over the tower's module names (default: every linear "
+                        "map of the kept blocks: attn.q_proj/k_proj/v_proj (the packed in_proj, split), "
+                        "attn.out_proj, mlp.c_fc, mlp.c_proj)")
+    q = p.add_argument_group("quantized base LM (QLoRA; LLaVA's flags)")
+    q.add_argument("--bits", type=int, default=16, choices=[4, 8, 16],
+                   help="load the frozen LM's linear layers in 4 or 8 bits (bitsandbytes); 16 = not quantized")
+    q.add_argument("--quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type")
+    flag("--double_quant", True, "4-bit: also quantize the quantization constants (QLoRA's double quantization)")
     d = p.add_argument_group("data")
     d.add_argument("--data_path", default=None, help="LLaVA JSON/JSONL (default: the built-in demo data)")
     d.add_argument("--image_folder", default=None)
@@ -111,6 +126,16 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--mixer_init and --freeze_mixer apply to --adapter moslora only: LoRA has no mixer")
     if stage == "finetune" and args.lora_r <= 0:
         parser.error("--lora_r must be positive for finetuning")
+    if args.vision_adapter != "none":
+        if stage != "finetune":
+            parser.error("--vision_adapter applies to stage 2 (finetune.py): stage 1 trains the projector only")
+        if args.unfreeze_mm_vision_tower:
+            parser.error("--vision_adapter and --unfreeze_mm_vision_tower are exclusive: tune the tower by its "
+                         "adapters or fully, not both")
+        if args.vision_lora_r <= 0 or args.vision_lora_alpha <= 0 or not 0 <= args.vision_lora_dropout < 1:
+            parser.error("--vision_lora_r and --vision_lora_alpha must be positive, --vision_lora_dropout in [0, 1)")
+        if args.vision_adapter == "lora" and (args.mixer_init != "kaiming" or args.freeze_mixer):
+            parser.error("--mixer_init and --freeze_mixer apply to MoSLoRA only: --vision_adapter lora has no mixer")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")

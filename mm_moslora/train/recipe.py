@@ -7,6 +7,7 @@ Runs under the `deepspeed` launcher (one process per GPU) or as a plain single `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -70,6 +71,13 @@ def default_data(args: argparse.Namespace, rank: int) -> None:
     log.info("no --data_path: training on the built-in demo data %s", args.data_path)
 
 
+def target_modules_flag(value: str | None) -> list[str] | str | None:
+    """--lora_target_modules / --vision_lora_target_modules: plain comma-separated names are a list, else a regex."""
+    if value and re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", value):
+        return [t.strip() for t in value.split(",")]
+    return value
+
+
 def set_trainable(model, args: argparse.Namespace, dtype: torch.dtype) -> AdapterConfig | None:
     """Freeze the LM, make the projector trainable as the stage asks, and (stage 2) inject the adapters.
 
@@ -80,15 +88,31 @@ def set_trainable(model, args: argparse.Namespace, dtype: torch.dtype) -> Adapte
     model.projector.requires_grad_(args.tune_mm_mlp_adapter or (args.stage == "finetune" and not args.freeze_mm_mlp_adapter))
     if args.stage != "finetune":
         return None
-    targets = args.lora_target_modules
-    if targets and re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", targets):  # plain names: a list; otherwise a regex
-        targets = [t.strip() for t in targets.split(",")]
     config = AdapterConfig(adapter=args.adapter, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                            mixer_init=args.mixer_init, freeze_mixer=args.freeze_mixer, use_rslora=args.use_rslora,
-                           target_modules=targets,
+                           target_modules=target_modules_flag(args.lora_target_modules),
                            base_model=args.model_name_or_path)
     torch.manual_seed(args.seed)  # adapter init does not depend on what was built before
     inject_adapters(model.llm, config, dtype=dtype)
+    return config
+
+
+def add_vision_adapter(model, args: argparse.Namespace, llm_config: AdapterConfig | None,
+                       dtype: torch.dtype) -> AdapterConfig | None:
+    """--vision_adapter: inject adapters into the frozen tower; returns their config (None without the flag).
+
+    The config is the LM's with the tower's own kind, rank, scale, dropout and targets: every other option
+    (mixer initialisation, frozen mixer, rsLoRA) is shared, so the tower honours each exactly as the LM does.
+    """
+    if args.vision_adapter == "none" or llm_config is None:
+        return None
+    mixer = {} if args.vision_adapter == "moslora" else {"mixer_init": "kaiming", "freeze_mixer": False}
+    config = dataclasses.replace(
+        llm_config, adapter=args.vision_adapter, r=args.vision_lora_r, alpha=args.vision_lora_alpha,
+        dropout=args.vision_lora_dropout, target_modules=target_modules_flag(args.vision_lora_target_modules),
+        base_model=args.vision_tower, **mixer)
+    torch.manual_seed(args.seed + 1)  # its own stream: the LM's adapters initialise as without it
+    model.vision.add_adapters(config, dtype=dtype)
     return config
 
 
@@ -137,8 +161,11 @@ def train(args: argparse.Namespace) -> dict:
         else:
             log.warning("no --pretrain_mm_mlp_adapter: the projector starts from random weights")
     adapter_config = set_trainable(model, args, dtype)
+    vision_adapter_config = add_vision_adapter(model, args, adapter_config, dtype)
     if args.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if vision_adapter_config is not None or args.unfreeze_mm_vision_tower:  # activations kept for backward
+            model.vision.set_gradient_checkpointing(True)
     log.info(format_parameter_report(model))
 
     # Data: validated up front, tokenized lazily.
@@ -167,7 +194,8 @@ def train(args: argparse.Namespace) -> dict:
 
     mm_config = mm_config_for(model, args.model_name_or_path, args.mm_projector_type,
                               "plain" if args.stage == "pretrain" else args.template, args.image_aspect_ratio,
-                              args.attn_implementation, stage=args.stage, llm_fingerprint=llm_fingerprint)
+                              args.attn_implementation, stage=args.stage, llm_fingerprint=llm_fingerprint,
+                              vision_adapter=vision_adapter_config.to_dict() if vision_adapter_config else None)
 
     def write_inference_files(folder: Path) -> None:
         projector = gathered(list(engine.module.projector.named_parameters()))
@@ -177,8 +205,12 @@ def train(args: argparse.Namespace) -> dict:
             adapter = (adapter_config, gathered(named))
         vision = (gathered(list(engine.module.vision.visual.named_parameters()))
                   if args.unfreeze_mm_vision_tower else None)
+        vision_adapter = None
+        if vision_adapter_config is not None:
+            named = [(n, p) for n, p in engine.module.vision.visual.named_parameters() if ".lora_" in n]
+            vision_adapter = (vision_adapter_config, gathered(named))
         if rank == 0:
-            save_mm_checkpoint(folder, mm_config, tokenizer, projector, adapter, vision)
+            save_mm_checkpoint(folder, mm_config, tokenizer, projector, adapter, vision, vision_adapter)
 
     # Resume: model, optimizer, scheduler, RNG and data position.
     # Counters are totals over all ranks; last_loss is kept so a run resumed at its end still reports it.
