@@ -870,9 +870,10 @@ def _vqa_question_type(question: str) -> str:
 
 
 def _annotator_answers(qa: QA, rng) -> list[str]:
-    """Ten simulated annotator answers: the right one written in varied ways that VQA's
-    normalisation reconciles (case, trailing period, articles, number words), plus 0-2 wrong ones
-    (so the right answer keeps the >= 3 matches VQA's metric needs, as in the real data)."""
+    """Ten simulated annotator answers: the right one, often as written and sometimes varied (case,
+    trailing period, articles, number words; the official vqaEval.py reconciles only the trailing
+    period, so the other variants count as different answers), plus 0-2 wrong ones (so the right
+    answer keeps the >= 3 matches VQA's metric needs, as in the real data)."""
     right = qa.answer
     variants = [right, right.capitalize(), right + ".", right + " "]
     if right in _NUMBER_WORDS:
