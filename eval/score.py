@@ -17,7 +17,7 @@ reason; output files are written whole or not at all.
 
 Answers files are LLaVA answer files: JSONL lines {"question_id", "prompt", "text", "answer_id",
 "model_id", "metadata"}; question_id (a string or an integer) and text are read, plus prompt for
-ScienceQA, TextVQA and MME, round_id for MMBench and metadata for POPE and MME (see below). The
+TextVQA and MME, round_id for MMBench and metadata for POPE and MME (see below). The
 answers must cover the annotations exactly, as the official scripts need (they crash or count a
 missing answer as wrong): ids missing from the answers, ids unknown to the annotations and repeated
 ids raise `AnswersMismatchError`; `allow_partial=True` (--allow-partial) scores the answered subset
@@ -1185,7 +1185,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _write_whole(path: Path, text: str, inputs: Sequence[Path]) -> None:
     """Write through a temporary file and a rename, so a file is complete or absent; never over an input."""
     if any(path.resolve() == Path(p).resolve() for p in inputs):
-        raise ScoringInputError(f"{path}: refusing to overwrite an input file with the scores")
+        raise ScoringInputError(f"{path}: refusing to overwrite an input file (or the submission) with this output")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -1210,7 +1210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["submission_file"] = str(submission_path)
         output_path = args.output or answers_path.with_name(answers_path.stem + ".scores.json")
         text = json.dumps(result, indent=2, ensure_ascii=False)
-        _write_whole(output_path, text + "\n", inputs)
+        _write_whole(output_path, text + "\n", [*inputs, *([submission_path] if args.benchmark in SUBMISSIONS else [])])
     except ScoringInputError as e:
         print(f"error: {e}".replace("\n", "\\n"), file=sys.stderr)
         return 2

@@ -262,8 +262,9 @@ def test_vizwiz_equals_vizwiz_vqaeval_on_random_answers(tmp_path):
     items, answers = [], []
     for k in range(2000):
         prediction = random_text(rng)
+        records = [{"answer": a, "answer_confidence": "yes"} for a in random_human_answers(rng, prediction)]
         items.append({"image": f"VizWiz_val_{k:08d}.jpg", "question": "?", "answer_type": "other", "answerable": 1,
-                      "answers": [{"answer": a, "answer_confidence": "yes"} for a in random_human_answers(rng, prediction)]})
+                      "answers": records})
         answers.append(answer(items[-1]["image"], prediction))
     submitted = {a["question_id"]: ref.evalai_processor(a["text"]) for a in answers}
     official = ref.VizWizEvalRef({item["image"]: item for item in items}, submitted).evaluate()
@@ -453,7 +454,8 @@ def textvqa_case(tmp):
 def vizwiz_case(tmp):
     def item(image, atype, gts):
         return {"image": image, "question": "what is this?", "answer_type": atype,
-                "answerable": int(atype != "unanswerable"), "answers": [{"answer": a, "answer_confidence": "yes"} for a in gts]}
+                "answerable": int(atype != "unanswerable"),
+                "answers": [{"answer": a, "answer_confidence": "yes"} for a in gts]}
     path = write_json(tmp / "vizwiz.json", [
         item("VizWiz_val_00000000.jpg", "other", ["soup"] * 10),
         item("VizWiz_val_00000001.jpg", "unanswerable", ["unanswerable"] * 9 + ["blurry"]),
@@ -960,3 +962,10 @@ def test_cli_refuses_to_overwrite_an_input(tmp_path, capsys):
     assert score.main(argv + ["--output", str(answers_file)]) == 2
     assert "overwrite an input" in capsys.readouterr().err
     assert answers_file.read_text() == before
+
+
+def test_cli_refuses_scores_over_the_submission_file(tmp_path, capsys):
+    argv = _args("vqav2", tmp_path)
+    same = str(tmp_path / "same.json")
+    assert score.main(argv + ["--output", same, "--submission-file", same]) == 2
+    assert "overwrite an input" in capsys.readouterr().err
