@@ -1185,7 +1185,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _write_whole(path: Path, text: str, inputs: Sequence[Path]) -> None:
     """Write through a temporary file and a rename, so a file is complete or absent; never over an input."""
     if any(path.resolve() == Path(p).resolve() for p in inputs):
-        raise ScoringInputError(f"{path}: refusing to overwrite an input file (or the submission) with this output")
+        raise ScoringInputError(f"{path}: refusing to overwrite an input (or the submission) with this output")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
