@@ -156,8 +156,8 @@ def test_a_crash_while_saving_leaves_latest_on_the_previous_checkpoint(tmp_path)
     checkpoint.save_training_checkpoint(engine, ckpts, 2, {"global_step": 2}, write_inference_files, 2)
     assert checkpoint.latest_checkpoint(ckpts) == "step-2"
     complete = sorted(p.name for p in (ckpts / "step-2").iterdir())
-    assert complete == ["mm_projector.safetensors", "moslora_adapter.safetensors", "mp_rank_00_model_states.pt",
-                        "rng_state_0.pt"]
+    assert complete == ["manifest.json", "mm_projector.safetensors", "moslora_adapter.safetensors",
+                        "mp_rank_00_model_states.pt", "rng_state_0.pt"]
 
     def crash_midway(folder: Path) -> None:
         (folder / "moslora_adapter.safetensors").write_bytes(b"adap")

@@ -15,6 +15,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import InputError
 from .conversation import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError, render, to_messages,
                            tokenize_conversation)
 from .images import ImageProcessor, load_image, resolve_image_path
@@ -22,7 +23,7 @@ from .images import ImageProcessor, load_image, resolve_image_path
 log = logging.getLogger(__name__)
 
 
-class DataValidationError(ValueError):
+class DataValidationError(InputError):
     """The data file has problems; the message lists every one with its record index and id."""
 
 

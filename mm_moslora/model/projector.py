@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InputError
 
-class ProjectorFileError(ValueError):
+
+class ProjectorFileError(InputError):
     """A projector file or folder that cannot be read or does not fit the projector; the message names it."""
 
 

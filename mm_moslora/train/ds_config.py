@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config file that cannot be used; the message names the file and the key."""
 
 

@@ -27,12 +27,14 @@ from ..data.collate import collate, epoch_batches
 from ..data.dataset import LlavaDataset, load_llava_data
 from ..data.images import ImageProcessor
 from ..model.build import build_model, mm_config_for, save_mm_checkpoint, weights_fingerprint
-from ..model.projector import ProjectorFileError, load_pretrained_projector
-from .args import DEFAULT_DEMO_DIR
-from .checkpoint import (latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
+from ..errors import InputError, report_input_errors
+from ..model.projector import load_pretrained_projector
+from .args import DEFAULT_DEMO_DIR, build_parser
+from .checkpoint import (check_step_folder, latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
                          save_training_checkpoint)
 from .ds_config import load_deepspeed_config
 from .engine import build_engine, train_micro_step
+from .resume import check_resume_flags, training_record
 
 log = logging.getLogger("mm_moslora.train")
 
@@ -131,7 +133,7 @@ def train(args: argparse.Namespace) -> dict:
     rank, world_size, device = init_distributed()
     logging.getLogger("mm_moslora").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # A bad --deepspeed file fails now, not after minutes of model loading (bucket sizes wait for the model).
-    load_deepspeed_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
+    early_ds_config = load_deepspeed_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
                           grad_accum=args.gradient_accumulation_steps, world_size=world_size, bf16=args.bf16,
                           fp16=args.fp16, max_grad_norm=args.max_grad_norm, hidden_size=None)
     torch.manual_seed(args.seed)
@@ -143,6 +145,14 @@ def train(args: argparse.Namespace) -> dict:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(ckpt_dir)
     default_data(args, rank)
+    # Resume: refused now, before minutes of loading, if the flags or the files do not match the checkpoint.
+    derived = {"world_size": world_size, "zero_stage": early_ds_config.get("zero_optimization", {}).get("stage", 0)}
+    defaults = vars(build_parser(args.stage).parse_args([]))
+    tag = latest_checkpoint(ckpt_dir) if args.resume else None
+    recorded_flags = None
+    if tag:
+        recorded_flags = check_resume_flags(ckpt_dir / tag, training_record(args, **derived), defaults)
+        check_step_folder(ckpt_dir / tag, world_size, derived["zero_stage"])
 
     # Model: base weights in the training dtype; adapters and projector are trainable.
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -183,6 +193,10 @@ def train(args: argparse.Namespace) -> dict:
                          f"(batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}"
                          f" x {world_size} processes)")
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    flags_record = training_record(args, **derived, total_steps=total_steps)
+    if recorded_flags and recorded_flags.get("total_steps") not in (None, total_steps):
+        log.warning("resuming a %d-step run as a %d-step run: the learning-rate schedule is recomputed for the new "
+                    "length", recorded_flags["total_steps"], total_steps)
 
     # Engine: our AdamW (fused on GPU) with a separate projector learning rate; DeepSpeed does ZeRO.
     engine, optimizer, scheduler = build_engine(
@@ -212,11 +226,17 @@ def train(args: argparse.Namespace) -> dict:
         if rank == 0:
             save_mm_checkpoint(folder, mm_config, tokenizer, projector, adapter, vision, vision_adapter)
 
+    def save(step: int) -> None:
+        if state["samples"] == 0:  # nothing trained yet (every batch skipped): such weights are not a checkpoint
+            log.warning("step %d: no checkpoint written, no sample has been trained yet", step)
+            return
+        save_training_checkpoint(engine, ckpt_dir, step, dict(state), write_inference_files, args.save_total_limit,
+                                 training_args=flags_record)
+
     # Resume: model, optimizer, scheduler, RNG and data position.
     # Counters are totals over all ranks; last_loss is kept so a run resumed at its end still reports it.
-    state = {"global_step": 0, "micro_step": 0, "samples": 0, "skipped_images": 0, "tokens": 0,
-             "last_loss": float("nan")}
-    tag = latest_checkpoint(ckpt_dir) if args.resume else None
+    state = {"global_step": 0, "micro_step": 0, "samples": 0, "skipped_images": 0, "skipped_steps": 0,
+             "tokens": 0, "last_loss": float("nan")}
     if tag:
         client = load_training_checkpoint(engine, ckpt_dir, tag)
         state.update({k: client[k] for k in state if k in client})
@@ -229,8 +249,9 @@ def train(args: argparse.Namespace) -> dict:
         writer = SummaryWriter(str(out_dir / "runs"), purge_step=state["global_step"] + 1 if tag else None)
     bar = tqdm(total=total_steps, initial=state["global_step"], desc=args.stage, disable=rank != 0, dynamic_ncols=True)
     engine.train()
-    loss_sum, loss_count, t_window, samples_window = 0.0, 0, time.time(), 0
+    loss_sum, loss_count, step_samples, t_window, samples_window = 0.0, 0, 0, time.time(), 0
     t_start, start_counts = time.time(), dict(state)  # throughput counts this session only, not resumed steps
+    session_images = {"decoded": 0, "skipped": 0}
     micro_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
     while state["global_step"] < total_steps:
         epoch, micro_in_epoch = divmod(state["micro_step"], micro_per_epoch)
@@ -244,54 +265,74 @@ def train(args: argparse.Namespace) -> dict:
             generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
         for batch in loader:
             loss, n_samples, n_tokens = train_micro_step(engine, batch, device, tokenizer.pad_token_id)
+            if n_samples:  # this rank's loss; a micro-batch whose every sample was skipped has none
+                loss_sum, loss_count = loss_sum + loss, loss_count + 1  # a tensor: no device sync per micro-step
             n_skipped = batch["n_skipped"]
+            n_images = 0 if batch.get("pixel_values") is None else batch["pixel_values"].shape[0]
             if world_size > 1:  # ranks skip different images; a single process needs no device round trip
-                counts = torch.tensor([n_samples, n_skipped, n_tokens], dtype=torch.long, device=device)
+                counts = torch.tensor([n_samples, n_skipped, n_tokens, n_images], dtype=torch.long, device=device)
                 dist.all_reduce(counts)
-                n_samples, n_skipped, n_tokens = counts.tolist()
+                n_samples, n_skipped, n_tokens, n_images = counts.tolist()
             state["samples"] += n_samples
             state["skipped_images"] += n_skipped
             state["tokens"] += n_tokens
             state["micro_step"] += 1
             samples_window += n_samples
-            loss_sum, loss_count = loss_sum + loss, loss_count + 1  # a tensor: no device sync per micro-step
+            step_samples += n_samples
+            session_images["decoded"] += n_images
+            session_images["skipped"] += n_skipped
+            if session_images["skipped"] >= UNREADABLE_IMAGES_VERDICT and not session_images["decoded"]:
+                bar.close()  # the error goes on a line of its own
+                raise UnreadableImagesError(
+                    f"--image_folder {args.image_folder}: none of the {session_images['skipped']} images drawn so far "
+                    f"could be decoded (see the warnings above); stopped before writing a checkpoint")
             if state["micro_step"] % args.gradient_accumulation_steps:
                 continue
             state["global_step"] += 1
             step = state["global_step"]
-            state["last_loss"] = last_loss = float(loss_sum) / loss_count
-            if not math.isfinite(last_loss):
-                # The bf16 configs skip DeepSpeed's per-gradient overflow scan (bf16 has fp32's range, and the
-                # scan costs ~0.3 ms per parameter tensor each step), so a diverged run stops here instead.
-                raise DivergenceError(f"the loss is {last_loss} at step {step}: training diverged. Resume from "
-                                      f"the last checkpoint in {ckpt_dir} with a lower --learning_rate")
             lrs = scheduler.get_last_lr()  # one per optimizer group (engine.param_groups)
             lr = lrs[0]
-            if step % args.logging_steps == 0 or step == total_steps:
-                rate = samples_window / max(1e-9, time.time() - t_window)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            if not step_samples:  # every sample of the step was skipped (images that failed to decode)
+                state["skipped_steps"] += 1
+                log.warning("step %d: every sample failed to load; the step is counted as skipped, no loss", step)
                 if writer:
-                    writer.add_scalar("train/loss", last_loss, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    for index, (group, group_lr) in enumerate(zip(optimizer.param_groups, lrs)):
-                        writer.add_scalar(f"train/lr_{group.get('name', index)}", group_lr, step)
-                    writer.add_scalar("train/samples_per_s", rate, step)
-                t_window, samples_window = time.time(), 0
-            loss_sum, loss_count = 0.0, 0
+                    writer.add_scalar("train/skipped_steps", state["skipped_steps"], step)
+            elif loss_count:
+                state["last_loss"] = last_loss = float(loss_sum) / loss_count
+                if not math.isfinite(last_loss):
+                    # The bf16 configs skip DeepSpeed's per-gradient overflow scan (bf16 has fp32's range, and the
+                    # scan costs ~0.3 ms per parameter tensor each step), so a diverged run stops here instead.
+                    bar.close()
+                    raise DivergenceError(f"the loss is {last_loss} at step {step}: training diverged. Resume from "
+                                          f"the last checkpoint in {ckpt_dir} with a lower --learning_rate")
+                if step % args.logging_steps == 0 or step == total_steps:
+                    rate = samples_window / max(1e-9, time.time() - t_window)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}",
+                                    **({"skipped": state["skipped_steps"]} if state["skipped_steps"] else {}))
+                    if writer:
+                        writer.add_scalar("train/loss", last_loss, step)
+                        writer.add_scalar("train/lr", lr, step)
+                        for index, (group, group_lr) in enumerate(zip(optimizer.param_groups, lrs)):
+                            writer.add_scalar(f"train/lr_{group.get('name', index)}", group_lr, step)
+                        writer.add_scalar("train/samples_per_s", rate, step)
+                    t_window, samples_window = time.time(), 0
+            loss_sum, loss_count, step_samples = 0.0, 0, 0
             bar.update(1)
             if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
                 if writer:
                     writer.flush()  # the logs up to a checkpoint survive a crash, like the checkpoint
-                save_training_checkpoint(engine, ckpt_dir, step, dict(state), write_inference_files,
-                                         args.save_total_limit)
+                save(step)
             if step >= total_steps:
                 break
     bar.close()
 
     # Save: a resumable last checkpoint (unless this run resumed from it) plus the inference files in OUTPUT_DIR.
+    if state["samples"] == 0:
+        raise UnreadableImagesError(f"--data_path {args.data_path}: no sample could be trained in "
+                                    f"{state['global_step']} steps ({state['skipped_images']} images failed to "
+                                    f"decode); nothing was written")
     if tag != f"step-{state['global_step']}":
-        save_training_checkpoint(engine, ckpt_dir, state["global_step"], dict(state), write_inference_files,
-                                 args.save_total_limit)
+        save(state["global_step"])
     write_inference_files(out_dir)
     elapsed = time.time() - t_start
     summary = {"stage": args.stage, "steps": state["global_step"], "samples": state["samples"],
@@ -301,32 +342,41 @@ def train(args: argparse.Namespace) -> dict:
                                                      / max(elapsed, 1e-9)),
                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
                "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
-               "skipped_images": state["skipped_images"], "dropped_records": len(report.bad_indices),
+               "skipped_images": state["skipped_images"], "skipped_steps": state["skipped_steps"],
+               "dropped_records": len(report.bad_indices),
                "output_dir": str(out_dir)}
     if rank == 0:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if writer:
             writer.close()
+        whole_steps = f" ({summary['skipped_steps']} whole steps)" if summary["skipped_steps"] else ""
         print(f"[mm_moslora] {args.stage} done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"{summary['samples_per_second']} samples/s, {summary['skipped_images']} images skipped, "
+              f"{summary['samples_per_second']} samples/s, {summary['skipped_images']} images skipped{whole_steps}, "
               f"{summary['dropped_records']} records dropped -> {out_dir}", flush=True)
     dist.barrier()
     return summary
+
+
+# A run stops when this many images were drawn and none decoded (a wrong --image_folder, a broken copy).
+UNREADABLE_IMAGES_VERDICT = 8
 
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of the scripts: train, and turn the errors a user can fix (a bad data record, config file or
-    path) into one message and exit status 1 instead of a traceback."""
-    from ..data.dataset import DataValidationError
-    from .ds_config import ConfigError
+class UnreadableImagesError(InputError):
+    """No image of the run could be decoded: training on nothing would only look like success."""
 
-    try:
-        train(args)
-    except (ConfigError, DataValidationError, FileNotFoundError, DivergenceError, ProjectorFileError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of the scripts: train; bad input (data, flags, config, checkpoint, images) ends in one
+    `error:` line and exit status 2, a diverged run in one line and exit status 1."""
+    def main() -> int:
+        try:
+            train(args)
+        except DivergenceError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+    return report_input_errors(main)
