@@ -124,13 +124,13 @@ def test_files_that_are_not_plain_tensors_are_refused_without_unpickling(tmp_pat
         read_pretrained_projector(empty, "mlp2x_gelu")
 
 
-def test_finetune_with_a_projector_that_does_not_fit_exits_1_with_one_line(tmp_path):
+def test_finetune_with_a_projector_that_does_not_fit_exits_2_with_one_line(tmp_path):
     # The tiny model's projector is 128 -> 128 (vision width -> LM width); this file is 24 -> 128.
     path = write_llava_bin(tmp_path / "mm_projector.bin", source_projector(vis=24, llm=128))
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--pretrain_mm_mlp_adapter",
                            str(path), "--output_dir", str(tmp_path / "out"), "--report_to", "none"],
                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]  # bad input (mm_moslora.errors)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "model.mm_projector.0.weight: checkpoint shape (128, 24) != model shape (128, 128)" in errors[0]
