@@ -133,7 +133,8 @@ Ground-truth layouts (each benchmark's official release format)
   "multiple_choice_answer", "answers": [{"answer", "answer_confidence", "answer_id"} x10]}]}`.
 - textvqa: `{"data": [{"question_id": int, "image_id", "question", "answers": [str x10]}]}`.
 - vizwiz: `[{"image": "VizWiz_val_00000000.jpg", "question", "answers": [{"answer",
-  "answer_confidence"} x10], "answer_type", "answerable"}]`; answers-file question_id = image.
+  "answer_confidence"} x10], "answer_type", "answerable"}]`; answers-file question_id = image, or
+  LLaVA's integer n for VizWiz_<split>_<n as 8 digits>.jpg (its VizWiz question files number them so).
 - gqa: `{qid: {"imageId", "question", "answer", "fullAnswer", "isBalanced", "types":
   {"structural", "semantic", "detailed"}}}` (testdev_balanced_questions.json).
 - pope: JSONL lines `{"question_id", "image", "text", "label": "yes"|"no"}`, one file per split
@@ -696,17 +697,41 @@ def score_textvqa(answers: Sequence[dict], annotation_path: str | Path, *, allow
     return result
 
 
-def score_vizwiz(answers: Sequence[dict], annotation_path: str | Path, *, allow_partial: bool = False) -> dict:
-    """VizWiz-VQA accuracy of LLaVA's submission as VizWiz's vqaEval.py reports it, per answer_type.
-
-    The answers file's question_id is the image file name, as in LLaVA's VizWiz question file.
-    """
+def _load_vizwiz(annotation_path) -> dict[str, dict]:
     data = _read_json(annotation_path)
     items = _by_question_id(_require_list(data, str(annotation_path)), annotation_path, "items",
                             ["image", "answers", "answer_type"], id_field="image")
     for key, item in items.items():
         _require_answer_records(item["answers"], f"{annotation_path}: image {key}: answers")
-    matched = match_answers(answers, items, _qid, benchmark="vizwiz", allow_partial=allow_partial)
+    return items
+
+
+_VIZWIZ_IMAGE_NUMBER = re.compile(r"VizWiz_[A-Za-z]+_(\d+)\.\w+")
+
+
+def _vizwiz_key_of(images: Iterable[str]) -> Callable[[dict], str]:
+    """The image an answer is about: its question_id, or LLaVA's number n for VizWiz_<split>_<n>.jpg."""
+    by_number = {}
+    for image in images:
+        if found := _VIZWIZ_IMAGE_NUMBER.fullmatch(image):
+            by_number[int(found.group(1))] = image
+
+    def key_of(answer: dict) -> str:
+        qid = _qid(answer)
+        number = _as_number(qid)
+        return by_number.get(number, qid) if number is not None else qid
+
+    return key_of
+
+
+def score_vizwiz(answers: Sequence[dict], annotation_path: str | Path, *, allow_partial: bool = False) -> dict:
+    """VizWiz-VQA accuracy of LLaVA's submission as VizWiz's vqaEval.py reports it, per answer_type.
+
+    An answer's question_id is the image file name, or LLaVA's question_id n (its VizWiz question
+    file numbers VizWiz_<split>_<n, 8 digits>.jpg so).
+    """
+    items = _load_vizwiz(annotation_path)
+    matched = match_answers(answers, items, _vizwiz_key_of(items), benchmark="vizwiz", allow_partial=allow_partial)
     scores = {key: vizwiz_accuracy(evalai_answer(answer["text"]), items[key]["answers"])
               for key, answer in matched.items()}
     metric = "VQA accuracy (%): LLaVA's submission scored by VizWiz's vqaEval.py (human answers raw)"
@@ -1123,14 +1148,18 @@ def score_mmbench(answers: Sequence[dict], annotation_path: str | Path, *, split
 # ----------------------------------------------------------------------------------------------
 # EvalAI submission files
 # ----------------------------------------------------------------------------------------------
-def vqav2_submission(answers: Sequence[dict]) -> list[dict]:
+def vqav2_submission(answers: Sequence[dict], annotation_paths: Sequence[str | Path] = ()) -> list[dict]:
     """EvalAI VQAv2 results: [{"question_id", "answer"}] with LLaVA's EvalAI answer processing."""
     return [{"question_id": answer["question_id"], "answer": evalai_answer(answer["text"])} for answer in answers]
 
 
-def vizwiz_submission(answers: Sequence[dict]) -> list[dict]:
-    """EvalAI VizWiz results: [{"image", "answer"}] with LLaVA's EvalAI answer processing."""
-    return [{"image": answer["question_id"], "answer": evalai_answer(answer["text"])} for answer in answers]
+def vizwiz_submission(answers: Sequence[dict], annotation_paths: Sequence[str | Path] = ()) -> list[dict]:
+    """EvalAI VizWiz results: [{"image", "answer"}] with LLaVA's EvalAI answer processing.
+
+    The image is the answer's question_id, or (given the annotations) the image LLaVA's number names.
+    """
+    key_of = _vizwiz_key_of(_load_vizwiz(annotation_paths[0])) if annotation_paths else _qid
+    return [{"image": key_of(answer), "answer": evalai_answer(answer["text"])} for answer in answers]
 
 
 SUBMISSIONS = {"vqav2": vqav2_submission, "vizwiz": vizwiz_submission}
@@ -1206,13 +1235,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["answers_file"] = str(answers_path)
         if args.benchmark in SUBMISSIONS:
             submission_path = args.submission_file or answers_path.with_name(answers_path.stem + ".submission.json")
-            _write_whole(submission_path, json.dumps(SUBMISSIONS[args.benchmark](answers)), inputs)
+            _write_whole(submission_path, json.dumps(SUBMISSIONS[args.benchmark](answers, args.annotation_file)), inputs)
             result["submission_file"] = str(submission_path)
         output_path = args.output or answers_path.with_name(answers_path.stem + ".scores.json")
         text = json.dumps(result, indent=2, ensure_ascii=False)
         _write_whole(output_path, text + "\n", [*inputs, *([submission_path] if args.benchmark in SUBMISSIONS else [])])
     except ScoringInputError as e:
         print(f"error: {e}".replace("\n", "\\n"), file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. an annotation folder that cannot be listed
+        print(f"error: {e.filename or 'input'}: cannot read ({_os_reason(e)})", file=sys.stderr)
         return 2
     print(text)
     return 0

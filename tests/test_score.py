@@ -610,6 +610,19 @@ def test_score_vizwiz(tmp_path):
     assert result["per_answer_type"]["unanswerable"]["accuracy"] == pytest.approx(30.0)
 
 
+def test_score_vizwiz_llava_numbered_answers_and_submission(tmp_path, capsys):
+    # LLaVA's VizWiz question file: question_id n for the image VizWiz_<split>_<n, 8 digits>.jpg
+    paths, answers, _ = vizwiz_case(tmp_path)
+    numbered = [dict(a, question_id=int(a["question_id"][11:19])) for a in answers]
+    assert score.score_vizwiz(numbered, paths[0])["overall"] == score.score_vizwiz(answers, paths[0])["overall"]
+    answers_file = write_jsonl(tmp_path / "llava_vizwiz.jsonl", numbered)
+    assert score.main(["--benchmark", "vizwiz", "--answers-file", str(answers_file),
+                       "--annotation-file", str(paths[0])]) == 0
+    submission = json.loads((tmp_path / "llava_vizwiz.submission.json").read_text())
+    assert submission == [{"image": "VizWiz_val_00000000.jpg", "answer": "soup"},
+                          {"image": "VizWiz_val_00000001.jpg", "answer": "blurry"}]
+
+
 def test_score_gqa(tmp_path):
     result = run_case("gqa", tmp_path)
     assert result["overall"] == pytest.approx(200 / 3)
