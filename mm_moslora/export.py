@@ -73,6 +73,7 @@ from .adapters.moslora import AdapterConfig
 from .data.conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM
 from .model.build import MM_CONFIG, PROJECTOR_FILE, TINY, load_checkpoint, parse_dtype, read_mm_config
 from .model.mm_model import MultimodalLM
+from .model.quantize import dequantize_linears
 from .model.vision import VisionTower
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,9 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, export
         bar.set_postfix_str("loading the checkpoint")
         # fp32 whatever the output dtype: merging adds in fp32 and rounds once at the end.
         model, tokenizer, mm_config = load_checkpoint(checkpoint_dir, dtype=torch.float32, device="cpu")
+        # A QLoRA adapter's base is the quantized LM: every format gets dequant(quant(W)) in fp32, the weights the
+        # adapter was trained against (merging adds to them exactly; the PEFT base is written with them).
+        dequantize_linears(model.llm)
         bar.update()
         if writer == "hf-llava":  # fail before anything is written
             merge_vision_adapters(model)  # the conversion reads the plain (merged) tower
@@ -272,7 +276,9 @@ def _merged_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_di
     yield "wrote the LM"
     _write_common(model, tokenizer, checkpoint_dir, out, dtype, merged_tower=merged_tower)
     # The merged LM is no longer that base; the tower's adapter now lives in vision_tower.safetensors.
-    config = {k: v for k, v in mm_config.items() if k not in ("llm_fingerprint", "vision_adapter")}
+    # A QLoRA base was dequantized before merging: the merged LM is full precision (its bits go with the adapter).
+    dropped = ("llm_fingerprint", "vision_adapter", "bits", "quant_type", "double_quant", "quantized_from")
+    config = {k: v for k, v in mm_config.items() if k not in dropped}
     config.update(merged=True, dtype=DTYPE_NAMES[dtype])
     if adapter_config is not None:
         config["merged_adapter"] = adapter_config.to_dict()

@@ -11,7 +11,7 @@ import re
 import torch
 from torch import nn
 
-from mm_moslora.adapters.moslora import AdapterConfig, MoSLoRALinear
+from mm_moslora.adapters.moslora import AdapterConfig, MoSLoRALinear, is_quantized_linear
 
 # Every linear layer of a LLaMA / Qwen2 / Mistral decoder block: attention and MLP projections.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,8 +55,10 @@ def inject_adapters(llm: nn.Module, config: AdapterConfig, dtype: torch.dtype = 
     if existing:
         raise RuntimeError(f"the model already has {len(existing)} MoSLoRA layers (e.g. {next(iter(existing))}); "
                            "call unload_adapters() before injecting again")
-    # Exactly nn.Linear: subclasses (e.g. quantised linears) have weights merge() cannot add into.
-    linears = [name for name, module in llm.named_modules() if type(module) is nn.Linear]
+    # Exactly nn.Linear (other subclasses may hold weights merge() cannot add into), or a bitsandbytes 4/8-bit
+    # layer (QLoRA: dequantized before merging).
+    linears = [name for name, module in llm.named_modules()
+               if type(module) is nn.Linear or is_quantized_linear(module)]
     targets = [name for name in linears if is_target_module(name, config.target_modules)]
     if not targets:
         patterns = config.target_modules if config.target_modules is not None else list(DEFAULT_TARGET_MODULES)

@@ -33,6 +33,11 @@ ADAPTER_KINDS = ("moslora", "lora")
 MIXER_INITS = ("kaiming", "orthogonal", "normal", "identity", "zero")
 
 
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (a QLoRA base; checked by class, without importing bitsandbytes)."""
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt") and type(module).__module__.startswith("bitsandbytes")
+
+
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """The factor s on the low-rank branch: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (rsLoRA)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -209,11 +214,17 @@ class MoSLoRALinear(nn.Module):
         """s·B·M·A in fp32, (d_out, d_in): what merge() adds to base.weight."""
         return self.scaling * (self.lora_B.float() @ self.folded_A())
 
+    def _check_mergeable(self) -> None:
+        if is_quantized_linear(self.base):  # its weight is packed 4/8-bit storage: adding to it would corrupt it
+            raise RuntimeError("cannot merge into a quantized base layer: dequantize it first "
+                               "(mm_moslora.model.quantize.dequantize_linears), then merge in fp32")
+
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into base.weight (summed in fp32, then cast to the weight's dtype). No-op if merged."""
         if self.merged:
             return
+        self._check_mergeable()
         weight = self.base.weight
         weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
         self.merged = True
@@ -223,6 +234,7 @@ class MoSLoRALinear(nn.Module):
         """Subtract the update from base.weight again. No-op if not merged. Exact in fp32 up to rounding."""
         if not self.merged:
             return
+        self._check_mergeable()
         weight = self.base.weight
         weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
         self.merged = False

@@ -165,6 +165,8 @@ class InferenceEngine:
         known to be safe in CUDA graphs).
         decode: see the class docstring.
         """
+        from ..model.quantize import count_quantized  # a QLoRA adapter checkpoint loads its base quantized
+
         if quantize is not None:
             check_quantization(quantize, device)
         load_device = "cpu" if quantize else device
@@ -177,7 +179,7 @@ class InferenceEngine:
             model.to(device)  # bitsandbytes quantizes the weights on their way to the GPU
         return cls(model, tokenizer, conv_mode or mm_config.get("conv_mode", "vicuna_v1"),
                    image_aspect_ratio=mm_config.get("image_aspect_ratio", "pad"),
-                   decode="hf" if quantize and decode == "auto" else decode)
+                   decode="hf" if (quantize or count_quantized(model.llm)) and decode == "auto" else decode)
 
     @property
     def device(self) -> torch.device:

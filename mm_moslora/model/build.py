@@ -125,6 +125,7 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype | str = torch
     """
     from ..adapters.inject import merge_adapters
     from ..adapters.io import load_adapter
+    from .quantize import dequantize_linears
 
     checkpoint_dir = Path(checkpoint_dir)
     dtype = parse_dtype(dtype)
@@ -140,6 +141,8 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype | str = torch
                                                                weights_fingerprint(llm, via_dtype=torch.float16)):
         raise ValueError(f"{checkpoint_dir}: the base LM at {llm_source!r} is not the one this adapter was trained on "
                          f"(weights fingerprint differs)")
+    if cfg.get("bits", 16) != 16 and not cfg.get("merged"):  # a QLoRA adapter: its base is the quantized LM
+        quantize_trained_base(llm, cfg, dtype, device)
     vision = VisionTower(cfg["vision_tower"], cfg.get("vision_pretrained"), cfg["mm_vision_select_layer"],
                          cfg.get("mm_vision_select_feature", "patch"))
     vision_file = checkpoint_dir / "vision_tower.safetensors"
@@ -151,10 +154,21 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype | str = torch
     if (checkpoint_dir / "moslora_config.json").exists():
         load_adapter(llm, checkpoint_dir)
         if merge:
+            dequantize_linears(llm)  # QLoRA: merged into dequant(quant(W)) in fp32, what the adapter trained on
             merge_adapters(llm)
     load_tower_adapter(vision, checkpoint_dir, cfg, merge)
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer, cfg
+
+
+def quantize_trained_base(llm: torch.nn.Module, cfg: dict, dtype: torch.dtype, device) -> None:
+    """Quantize `llm` as the QLoRA run did (bits, type, double quant, from weights rounded to its dtype)."""
+    from .quantize import check_quantized_training, quantize_linears
+
+    device = torch.device(device)
+    check_quantized_training(cfg["bits"], cfg.get("quant_type", "nf4"), device, zero_stage=0)
+    quantize_linears(llm, cfg["bits"], cfg.get("quant_type", "nf4"), cfg.get("double_quant", True),
+                     compute_dtype=dtype, source_dtype=parse_dtype(cfg.get("quantized_from", "fp32")), device=device)
 
 
 def load_tower_adapter(vision: VisionTower, checkpoint_dir: Path, cfg: dict, merge: bool) -> None:

@@ -29,6 +29,7 @@ from ..data.images import ImageProcessor
 from ..model.build import build_model, mm_config_for, save_mm_checkpoint, weights_fingerprint
 from ..errors import InputError, report_input_errors
 from ..model.projector import load_pretrained_projector
+from ..model.quantize import DTYPE_NAMES, check_quantized_training, quantize_linears
 from .args import DEFAULT_DEMO_DIR, build_parser
 from .checkpoint import (check_step_folder, latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
                          save_training_checkpoint)
@@ -118,6 +119,14 @@ def add_vision_adapter(model, args: argparse.Namespace, llm_config: AdapterConfi
     return config
 
 
+def quantization_fields(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """What a reader needs to rebuild a QLoRA adapter's base exactly (bits, type, double quant, source dtype)."""
+    if args.bits == 16:
+        return {}
+    return {"bits": args.bits, "quant_type": args.quant_type, "double_quant": args.double_quant,
+            "quantized_from": DTYPE_NAMES[dtype]}
+
+
 def gathered(named_params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """Full CPU copies of parameters, gathering ZeRO-3 partitions first (collective under ZeRO-3)."""
     import deepspeed
@@ -136,6 +145,9 @@ def train(args: argparse.Namespace) -> dict:
     early_ds_config = load_deepspeed_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
                           grad_accum=args.gradient_accumulation_steps, world_size=world_size, bf16=args.bf16,
                           fp16=args.fp16, max_grad_norm=args.max_grad_norm, hidden_size=None)
+    # So is a --bits combination that cannot run (no bitsandbytes, no kernels for this device, ZeRO-3).
+    check_quantized_training(args.bits, args.quant_type, device,
+                             early_ds_config.get("zero_optimization", {}).get("stage", 0), args.deepspeed)
     torch.manual_seed(args.seed)
     if args.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -160,7 +172,12 @@ def train(args: argparse.Namespace) -> dict:
                                    args.mm_vision_select_feature, args.mm_projector_type, dtype,
                                    args.attn_implementation, args.trust_remote_code, args.unfreeze_mm_vision_tower,
                                    random_init_llm=args.random_init_llm, init_device=device)
-    llm_fingerprint = weights_fingerprint(model.llm)
+    llm_fingerprint = weights_fingerprint(model.llm)  # of the weights as loaded, before any quantization
+    if args.bits != 16:  # QLoRA: the frozen LM in 4/8 bits on the device; adapters and projector stay in `dtype`
+        n = quantize_linears(model.llm, args.bits, args.quant_type, args.double_quant, compute_dtype=dtype,
+                             device=device)
+        log.info("quantized %d linear layers of the LM to %d bits (%s%s)", n, args.bits,
+                 args.quant_type if args.bits == 4 else "int8", ", double quant" if args.double_quant else "")
     if args.pretrain_mm_mlp_adapter:
         load_pretrained_projector(model.projector, args.pretrain_mm_mlp_adapter, args.mm_projector_type)
     elif args.stage == "finetune":
@@ -209,7 +226,8 @@ def train(args: argparse.Namespace) -> dict:
     mm_config = mm_config_for(model, args.model_name_or_path, args.mm_projector_type,
                               "plain" if args.stage == "pretrain" else args.template, args.image_aspect_ratio,
                               args.attn_implementation, stage=args.stage, llm_fingerprint=llm_fingerprint,
-                              vision_adapter=vision_adapter_config.to_dict() if vision_adapter_config else None)
+                              vision_adapter=vision_adapter_config.to_dict() if vision_adapter_config else None,
+                              **quantization_fields(args, dtype))
 
     def write_inference_files(folder: Path) -> None:
         projector = gathered(list(engine.module.projector.named_parameters()))
