@@ -2,6 +2,8 @@
 
     python scripts/pretrain_tiny_backbones.py --device cuda --workers 12   # about 5 minutes on one H200
     python scripts/pretrain_tiny_backbones.py --lm-steps 20 --vision-steps 20 --out /tmp/x   # smoke run
+    python scripts/pretrain_tiny_backbones.py --only lm --lm-size 8x512 --lm-steps 4000 --bf16 --device cuda \
+        --workers 8 --out outputs/backbones-8x512      # the adapter study's larger LM (docs/adapter_study.md)
 
 Writes OUT/lm (Hugging Face LLaMA folder, text-only pretraining) and OUT/vision (open_clip folder,
 per-patch colour/shape labels), plus OUT/pretraining.json with the settings and final accuracies.
@@ -14,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from mm_moslora.model.tiny_pretrain import PRETRAINED_DIR, pretrain_tiny_lm, pretrain_tiny_vision  # noqa: E402
+from mm_moslora.model.tiny_pretrain import (LM_SIZES, PRETRAINED_DIR, pretrain_tiny_lm,  # noqa: E402
+                                            pretrain_tiny_vision)
 
 
 def main():
@@ -25,11 +28,15 @@ def main():
     ap.add_argument("--lm-steps", type=int, default=11000)
     ap.add_argument("--vision-steps", type=int, default=3000)
     ap.add_argument("--only", choices=["lm", "vision"], default=None)
+    ap.add_argument("--lm-size", choices=sorted(LM_SIZES), default="tiny", help="LM shape (model/tiny_pretrain.py)")
+    ap.add_argument("--lm-lr", type=float, default=1e-3)
+    ap.add_argument("--bf16", action="store_true", help="LM forward in bf16 autocast (GPU)")
     args = ap.parse_args()
     report_file = args.out / "pretraining.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     if args.only != "vision":
-        report["lm"] = pretrain_tiny_lm(args.out / "lm", args.lm_steps, device=args.device, workers=args.workers)
+        report["lm"] = pretrain_tiny_lm(args.out / "lm", args.lm_steps, lr=args.lm_lr, device=args.device,
+                                        workers=args.workers, size=args.lm_size, bf16=args.bf16)
     if args.only != "lm":
         report["vision"] = pretrain_tiny_vision(args.out / "vision", args.vision_steps, device=args.device,
                                                 workers=args.workers)

@@ -42,6 +42,13 @@ PRETRAINED_DIR = TINY_DIR / "pretrained"
 LM_DIR = PRETRAINED_DIR / "lm"
 VISION_DIR = PRETRAINED_DIR / "vision"
 TRAIN_COMBOS = [c for c in dd.all_combinations() if c not in set(dd.HELD_OUT_COMBINATIONS)]
+# LM shapes on top of model/tiny/llm_config.json (same tokenizer and vocabulary). "tiny" is the demo's committed LM;
+# "8x512" the larger one of the adapter study (docs/adapter_study.md), pretrained the same way, weights not committed.
+LM_SIZES: dict[str, dict] = {
+    "tiny": {},
+    "8x512": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
+              "head_dim": 64, "intermediate_size": 1408},
+}
 
 
 def _stream_loader(make_batch: Callable[[np.random.Generator], tuple], seed: int, workers: int):
@@ -122,11 +129,13 @@ def first_answer_token_accuracy(llm, tokenizer, held_out: bool, device, n: int =
 
 
 def pretrain_tiny_lm(out_dir: Path, steps: int = 11000, batch_size: int = 128, lr: float = 1e-3,
-                     device: str = "cpu", workers: int = 0, log: Callable[[str], None] = None) -> dict:
-    """Train the tiny LLaMA (config of model/tiny) from its seed-0 init and save a HF folder."""
+                     device: str = "cpu", workers: int = 0, log: Callable[[str], None] = None, size: str = "tiny",
+                     bf16: bool = False) -> dict:
+    """Train a LLaMA of LM_SIZES[size] (the config of model/tiny, reshaped) from its seed-0 init and save a HF
+    folder. bf16: autocast the forward pass (weights and optimizer stay fp32; for the larger sizes on a GPU)."""
     log = log or _print_now
     tokenizer = build_tokenizer("tiny")
-    config = AutoConfig.for_model(**json.loads((TINY_DIR / "llm_config.json").read_text()))
+    config = AutoConfig.for_model(**{**json.loads((TINY_DIR / "llm_config.json").read_text()), **LM_SIZES[size]})
     torch.manual_seed(0)
     llm = AutoModelForCausalLM.from_config(config).to(device)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
@@ -136,7 +145,8 @@ def pretrain_tiny_lm(out_dir: Path, steps: int = 11000, batch_size: int = 128, l
     t0, running = time.time(), 0.0
     for step in range(1, steps + 1):
         ids, labels, mask = (t.to(device) for t in next(batches))
-        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         opt.step()
@@ -151,7 +161,8 @@ def pretrain_tiny_lm(out_dir: Path, steps: int = 11000, batch_size: int = 128, l
     out_dir = Path(out_dir)
     llm.cpu().save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "seconds": round(time.time() - t0),
+    return {"size": size, "shape": LM_SIZES[size], "parameters": sum(p.numel() for p in llm.parameters()),
+            "bf16": bf16, "steps": steps, "batch_size": batch_size, "lr": lr, "seconds": round(time.time() - t0),
             "first_answer_token_accuracy": metrics}
 
 
