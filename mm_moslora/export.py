@@ -60,7 +60,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -70,8 +69,10 @@ from .adapters.io import (ADAPTER_CONFIG_NAME, adapter_state_dict, export_peft, 
 from .adapters.vision import (VISION_ADAPTER_DIR, hf_clip_module_name, save_vision_adapter,
                               unload_vision_adapters)
 from .adapters.moslora import AdapterConfig
-from .data.conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM
-from .model.build import MM_CONFIG, PROJECTOR_FILE, TINY, load_checkpoint, parse_dtype, read_mm_config
+from .data.conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM, stop_markers
+from .checkpoint import (LLM_DIR, PROJECTOR_FILE, TOKENIZER_DIR, VISION_FILE, CheckpointConfig, load_checkpoint,
+                         save_tensors)
+from .model.build import TINY, parse_dtype
 from .model.mm_model import MultimodalLM
 from .model.quantize import dequantize_linears
 from .model.vision import VisionTower
@@ -79,13 +80,10 @@ from .model.vision import VisionTower
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("merged", "peft", "hf-llava")
-LLM_DIR = "llm"
 PEFT_DIR = "llm_adapter"
 # peft exports of a checkpoint whose tower has an adapter too: stock PEFT adapts the transformers LLaVA model.
 PEFT_LLAVA_BASE_DIR = "hf_llava_base"
 PEFT_LLAVA_DIR = "llava_adapter"
-TOKENIZER_DIR = "tokenizer"
-VISION_FILE = "vision_tower.safetensors"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _STEP_COUNTS = {"merged": 3, "peft": 2, "hf-llava": 4, "peft-llava": 4}  # progress steps of each writer, after loading
 
@@ -115,8 +113,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, export
         raise ValueError(f"unknown export format {export!r}; choose one of {EXPORT_FORMATS}")
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     check_output_dir(checkpoint_dir, output_dir, overwrite)
-    mm_config = read_mm_config(checkpoint_dir)
-    out_dtype = parse_dtype(dtype) if dtype is not None else stored_llm_dtype(checkpoint_dir, mm_config)
+    config = CheckpointConfig.read(checkpoint_dir)
+    out_dtype = parse_dtype(dtype) if dtype is not None else stored_llm_dtype(checkpoint_dir, config)
     has_adapter = (checkpoint_dir / ADAPTER_CONFIG_NAME).is_file()
     if export == "peft" and not has_adapter:
         raise ExportError(f"{checkpoint_dir} holds no MoSLoRA adapter ({ADAPTER_CONFIG_NAME}): there is nothing to "
@@ -125,8 +123,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, export
     # A tower adapter has no place in a PEFT adapter of the bare LM: stock PEFT carries it only on the transformers
     # LLaVA form of the model (CLIP's q/k/v/out/fc1/fc2 projections), which the hf-llava conversion builds.
     writer = "peft-llava" if export == "peft" and has_vision_adapter else export
-    if writer in ("hf-llava", "peft-llava") and mm_config.get("mm_projector_type") != "mlp2x_gelu":
-        message = _projector_message(mm_config.get("mm_projector_type"))
+    if writer in ("hf-llava", "peft-llava") and config.mm_projector_type != "mlp2x_gelu":
+        message = _projector_message(config.mm_projector_type)
         raise ExportError(message if writer == "hf-llava" else _peft_llava_message(message))
 
     steps = {"merged": _merged_steps, "peft": _peft_steps, "hf-llava": _hf_llava_steps,
@@ -134,25 +132,25 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, export
     with tqdm(total=1 + _STEP_COUNTS[writer], desc=f"export {export}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("loading the checkpoint")
         # fp32 whatever the output dtype: merging adds in fp32 and rounds once at the end.
-        model, tokenizer, mm_config = load_checkpoint(checkpoint_dir, dtype=torch.float32, device="cpu")
+        model, tokenizer, config = load_checkpoint(checkpoint_dir, dtype=torch.float32, device="cpu")
         # A QLoRA adapter's base is the quantized LM: every format gets dequant(quant(W)) in fp32, the weights the
         # adapter was trained against (merging adds to them exactly; the PEFT base is written with them).
         dequantize_linears(model.llm)
         bar.update()
         if writer == "hf-llava":  # fail before anything is written
             merge_vision_adapters(model)  # the conversion reads the plain (merged) tower
-            check_llava_convertible(model, tokenizer, mm_config)
+            check_llava_convertible(model, tokenizer, config)
         elif writer == "peft-llava":  # the base it writes: the tower without its adapters
             bare_tower = copy.deepcopy(model.vision)
             unload_vision_adapters(bare_tower.visual, merge=False)
             try:
                 check_llava_convertible(SimpleNamespace(vision=bare_tower, projector=model.projector), tokenizer,
-                                        mm_config)
+                                        config)
             except ExportError as err:
                 raise ExportError(_peft_llava_message(str(err))) from None
             del bare_tower
         with staging_dir(output_dir, overwrite) as staging:
-            for step in steps(model, tokenizer, mm_config, checkpoint_dir, staging, out_dtype):
+            for step in steps(model, tokenizer, config, checkpoint_dir, staging, out_dtype):
                 bar.set_postfix_str(step)
                 bar.update()
     return output_dir
@@ -168,11 +166,11 @@ def check_output_dir(checkpoint_dir: Path, output_dir: Path, overwrite: bool) ->
         raise OutputPathError(f"--output {output_dir} already exists; pass --overwrite to replace it")
 
 
-def stored_llm_dtype(checkpoint_dir: Path, mm_config: dict) -> torch.dtype:
+def stored_llm_dtype(checkpoint_dir: Path, config: CheckpointConfig) -> torch.dtype:
     """The dtype the checkpoint's LM is stored in (its config's dtype); fp32 for the tiny model or when unknown."""
     from transformers import AutoConfig
 
-    source = str(checkpoint_dir / LLM_DIR) if mm_config.get("merged") else mm_config["model_name_or_path"]
+    source = str(checkpoint_dir / LLM_DIR) if config.merged else config.model_name_or_path
     if source == TINY:
         return torch.float32
     try:
@@ -235,23 +233,14 @@ def merge_vision_adapters(model: MultimodalLM) -> bool:
     return True
 
 
-def _save_tensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
-    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(path),
-              metadata={"format": "pt"})
-
-
-def _write_json(path: Path, values: dict) -> None:
-    path.write_text(json.dumps(values, indent=2) + "\n")
-
-
 def _write_common(model: MultimodalLM, tokenizer, checkpoint_dir: Path, out: Path, dtype: torch.dtype,
                   merged_tower: bool = False) -> None:
     """tokenizer/, the projector and, when the tower was tuned, its weights: copied as trained, or, when its
     adapters were merged (`merged_tower`), the merged tower's (fp32, as open_clip keeps towers)."""
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
-    _save_tensors(model.projector.state_dict(), out / PROJECTOR_FILE, dtype)
+    save_tensors(model.projector.state_dict(), out / PROJECTOR_FILE, dtype)
     if merged_tower:
-        _save_tensors(model.vision.visual.state_dict(), out / VISION_FILE, torch.float32)
+        save_tensors(model.vision.visual.state_dict(), out / VISION_FILE, torch.float32)
     elif (checkpoint_dir / VISION_FILE).is_file():
         shutil.copyfile(checkpoint_dir / VISION_FILE, out / VISION_FILE)
 
@@ -264,7 +253,7 @@ def _adapter_config(checkpoint_dir: Path) -> AdapterConfig | None:
 # merged
 
 
-def _merged_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
+def _merged_steps(model: MultimodalLM, tokenizer, config: CheckpointConfig, checkpoint_dir: Path, out: Path,
                   dtype: torch.dtype) -> Iterator[str]:
     adapter_config = _adapter_config(checkpoint_dir)
     vision_config = _adapter_config(checkpoint_dir / VISION_ADAPTER_DIR)
@@ -277,14 +266,10 @@ def _merged_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_di
     _write_common(model, tokenizer, checkpoint_dir, out, dtype, merged_tower=merged_tower)
     # The merged LM is no longer that base; the tower's adapter now lives in vision_tower.safetensors.
     # A QLoRA base was dequantized before merging: the merged LM is full precision (its bits go with the adapter).
-    dropped = ("llm_fingerprint", "vision_adapter", "bits", "quant_type", "double_quant", "quantized_from")
-    config = {k: v for k, v in mm_config.items() if k not in dropped}
-    config.update(merged=True, dtype=DTYPE_NAMES[dtype])
-    if adapter_config is not None:
-        config["merged_adapter"] = adapter_config.to_dict()
-    if vision_config is not None:
-        config["merged_vision_adapter"] = vision_config.to_dict()
-    _write_json(out / MM_CONFIG, config)
+    config.replace(llm_fingerprint=None, vision_adapter=None, bits=16, quant_type=None, double_quant=None,
+                   quantized_from=None, merged=True, dtype=DTYPE_NAMES[dtype],
+                   merged_adapter=adapter_config.to_dict() if adapter_config is not None else None,
+                   merged_vision_adapter=vision_config.to_dict() if vision_config is not None else None).write(out)
     yield "wrote tokenizer, projector, mm_config"
 
 
@@ -292,16 +277,16 @@ def _merged_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_di
 # peft
 
 
-def _peft_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
+def _peft_steps(model: MultimodalLM, tokenizer, config: CheckpointConfig, checkpoint_dir: Path, out: Path,
                 dtype: torch.dtype) -> Iterator[str]:
     adapter_config = read_adapter_config(checkpoint_dir)
     state = adapter_state_dict(model.llm)  # as loaded (strictly checked) by load_checkpoint, fp32
-    export_peft(out / PEFT_DIR, adapter_config, state, base_model_name_or_path=mm_config["model_name_or_path"])
+    export_peft(out / PEFT_DIR, adapter_config, state, base_model_name_or_path=config.model_name_or_path)
     yield "wrote the PEFT adapter"
     # Our own adapter files too: without them load_checkpoint(OUT) would silently rebuild the bare base LM.
     save_adapter(out, adapter_config, state)
     _write_common(model, tokenizer, checkpoint_dir, out, dtype)
-    _write_json(out / MM_CONFIG, {**mm_config, "merged": False, "peft_adapter": PEFT_DIR})
+    config.replace(merged=False, peft_adapter=PEFT_DIR).write(out)
     yield "wrote tokenizer, projector, mm_config"
 
 
@@ -519,11 +504,11 @@ def clip_image_processor(vision: VisionTower, image_aspect_ratio: str):
                               do_convert_rgb=True, **geometry)
 
 
-def check_llava_convertible(model: MultimodalLM, tokenizer, mm_config: dict) -> None:
+def check_llava_convertible(model: MultimodalLM, tokenizer, config: CheckpointConfig) -> None:
     """Raise ExportError when the tower, the projector or the conversation template has no HF Llava equivalent."""
     check_vision_convertible(model.vision)
-    llava_projector_state(model.projector, mm_config["mm_projector_type"])
-    llava_chat_template(mm_config.get("conv_mode", "vicuna_v1"), tokenizer)
+    llava_projector_state(model.projector, config.mm_projector_type)
+    llava_chat_template(config.conv_mode, tokenizer)
 
 
 def add_image_token(tokenizer, llm: nn.Module) -> int:
@@ -546,30 +531,16 @@ def add_image_token(tokenizer, llm: nn.Module) -> int:
     return image_id
 
 
-def _stop_token_ids(tokenizer, conv_mode: str) -> tuple[list[int], list[str]]:
-    """(eos ids, multi-token stop strings) that end a reply, as InferenceEngine stops."""
-    from .infer.engine import end_of_turn_texts
-
-    ids, strings = {tokenizer.eos_token_id} - {None}, []
-    for text in end_of_turn_texts(tokenizer, conv_mode):
-        encoded = tokenizer.encode(text, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids.add(encoded[0])
-        else:
-            strings.append(text)
-    return sorted(ids), strings
-
-
-def build_llava(model: MultimodalLM, tokenizer, mm_config: dict):
+def build_llava(model: MultimodalLM, tokenizer, checkpoint_config: CheckpointConfig):
     """(LlavaForConditionalGeneration, LlavaProcessor) equivalent to `model` (adapters already merged, fp32).
 
     Takes over `model.llm` (resized for the image token) and modifies `tokenizer`: pass copies to keep them.
     """
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    conv_mode = mm_config.get("conv_mode", "vicuna_v1")
+    conv_mode = checkpoint_config.conv_mode
     vision, llm = model.vision, model.llm
-    projector_state = llava_projector_state(model.projector, mm_config["mm_projector_type"])
+    projector_state = llava_projector_state(model.projector, checkpoint_config.mm_projector_type)
     hf_vision = build_clip_vision_model(vision)
     template = llava_chat_template(conv_mode, tokenizer)
     image_id = add_image_token(tokenizer, llm)
@@ -592,30 +563,30 @@ def build_llava(model: MultimodalLM, tokenizer, mm_config: dict):
     left_on_meta = [name for name, t in chain(llava.named_parameters(), llava.named_buffers()) if t.is_meta]
     if left_on_meta:
         raise RuntimeError(f"LLaVA export left parameters unset: {left_on_meta[:5]}")
-    eos_ids, stop_strings = _stop_token_ids(tokenizer, conv_mode)
+    markers = stop_markers(tokenizer, conv_mode)  # as InferenceEngine stops
     llava.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-        **(dict(stop_strings=stop_strings) if stop_strings else {}))
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=markers.token_ids, pad_token_id=tokenizer.pad_token_id,
+        **(dict(stop_strings=markers.strings) if markers.strings else {}))
     tokenizer.chat_template = template  # tokenizer and processor render alike
     processor = LlavaProcessor(
-        image_processor=clip_image_processor(vision, mm_config.get("image_aspect_ratio", "pad")), tokenizer=tokenizer,
+        image_processor=clip_image_processor(vision, checkpoint_config.image_aspect_ratio), tokenizer=tokenizer,
         patch_size=vision.visual.patch_size[0], vision_feature_select_strategy=strategy, chat_template=template,
         image_token=IMAGE_PLACEHOLDER, num_additional_image_tokens=1)  # CLIP's class token
     return llava.eval(), processor
 
 
-def _hf_llava_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
+def _hf_llava_steps(model: MultimodalLM, tokenizer, config: CheckpointConfig, checkpoint_dir: Path, out: Path,
                     dtype: torch.dtype) -> Iterator[str]:
     if (checkpoint_dir / VISION_FILE).is_file():
         log.info("using the tuned vision tower from %s", checkpoint_dir / VISION_FILE)
-    if mm_config.get("image_aspect_ratio", "pad") == "pad":
+    if config.image_aspect_ratio == "pad":
         log.warning("image_aspect_ratio is 'pad', but CLIPImageProcessor cannot pad to a square: it will squash "
                     "non-square images. Pad them yourself (mm_moslora.data.images.pad_to_square, mean colour) "
                     "for the trained model's exact inputs.")
     merge_llm_adapters(model.llm)
     merge_vision_adapters(model)
     yield "merged the adapters"
-    llava, processor = build_llava(model, copy.deepcopy(tokenizer), mm_config)
+    llava, processor = build_llava(model, copy.deepcopy(tokenizer), config)
     yield "converted to LLaVA"
     llava.to(dtype).save_pretrained(out)
     yield "wrote the model"
@@ -652,7 +623,7 @@ def llava_module_names(llava, lm_bases: dict[int, str], vision_names: list[str])
     return names
 
 
-def _peft_llava_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoint_dir: Path, out: Path,
+def _peft_llava_steps(model: MultimodalLM, tokenizer, config: CheckpointConfig, checkpoint_dir: Path, out: Path,
                       dtype: torch.dtype) -> Iterator[str]:
     """OUT/hf_llava_base/: the hf-llava export of the model *without* its adapters (base LM, base tower, trained
     projector); OUT/llava_adapter/: a stock PEFT LoRA over it with both adapters, M folded into A, so
@@ -666,13 +637,13 @@ def _peft_llava_steps(model: MultimodalLM, tokenizer, mm_config: dict, checkpoin
     save_adapter(out, lm_config, lm_state)
     save_vision_adapter(out, vision_config, vision_state)
     _write_common(model, tokenizer, checkpoint_dir, out, dtype)
-    _write_json(out / MM_CONFIG, {**mm_config, "merged": False, "peft_adapter": PEFT_LLAVA_DIR})
+    config.replace(merged=False, peft_adapter=PEFT_LLAVA_DIR).write(out)
     yield "wrote our own adapter files"
     lm_bases = {id(module.base): name for name, module in adapter_modules(model.llm).items()}
     vision_names = list(adapter_modules(model.vision.visual))
     unload_adapters(model.llm, merge=False)
     unload_vision_adapters(model.vision.visual, merge=False)
-    llava, processor = build_llava(model, copy.deepcopy(tokenizer), mm_config)
+    llava, processor = build_llava(model, copy.deepcopy(tokenizer), config)
     names = llava_module_names(llava, lm_bases, vision_names)
     yield "converted the base to LLaVA"
     llava.to(dtype).save_pretrained(out / PEFT_LLAVA_BASE_DIR)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
+from mm_moslora.checkpoint import CheckpointError  # noqa: E402
 from mm_moslora.export import EXPORT_FORMATS, ExportError, OutputPathError, export_checkpoint  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except OutputPathError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (ExportError, FileNotFoundError) as err:
+    except (ExportError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote the {args.export} export of {args.checkpoint} to {out}")

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from mm_moslora.infer import Request
-from mm_moslora.model.build import build_model, mm_config_for, save_mm_checkpoint
+from mm_moslora.checkpoint import config_for_model, save_inference_files
+from mm_moslora.model.build import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,9 +75,9 @@ def _write_tiny_checkpoint(directory: Path, adapter: bool, conv_mode: str, seed:
                 if name.endswith("lora_B"):
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         adapter_state = (config, adapter_state_dict(model.llm))
-    mm_config = mm_config_for(model, "tiny", "mlp2x_gelu", conv_mode=conv_mode, image_aspect_ratio="pad",
-                              stage=2 if adapter else 1)
-    save_mm_checkpoint(directory, mm_config, tokenizer, model.projector.state_dict(), adapter=adapter_state)
+    checkpoint_config = config_for_model(model, "tiny", "mlp2x_gelu", conv_mode=conv_mode, image_aspect_ratio="pad",
+                                         stage="finetune" if adapter else "pretrain")
+    save_inference_files(directory, checkpoint_config, tokenizer, model.projector.state_dict(), adapter=adapter_state)
     return directory
 
 

@@ -33,14 +33,12 @@ from mm_moslora.export import (
     convert_open_clip_vision,
     export_checkpoint,
 )
+from mm_moslora.checkpoint import config_for_model, load_checkpoint, save_inference_files
 from mm_moslora.infer import InferenceEngine
 from mm_moslora.model.build import (
     build_llm,
     build_model,
     build_tokenizer,
-    load_checkpoint,
-    mm_config_for,
-    save_mm_checkpoint,
 )
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
 from mm_moslora.model.vision import VisionTower
@@ -153,7 +151,7 @@ def make_bf16_base_checkpoint(root: Path) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     state = {k: v.to(torch.bfloat16) for k, v in adapter_state_dict(model.llm).items()}
     ckpt = root / "ckpt-bf16"
-    save_mm_checkpoint(ckpt, mm_config_for(model, str(base), "mlp2x_gelu", "vicuna_v1", "pad"), tokenizer,
+    save_inference_files(ckpt, config_for_model(model, str(base), "mlp2x_gelu", "vicuna_v1", "pad"), tokenizer,
                        model.projector.state_dict(), adapter=(config, state))
     return ckpt
 
@@ -200,7 +198,7 @@ def test_peft_export_loads_in_stock_peft_with_the_merged_logits(root, checkpoint
         assert relative_error(peft_llm(input_ids=ids).logits, merged_llm(input_ids=ids).logits) <= 1e-4
     # Our own loader still rebuilds the full adapted model from the PEFT export folder.
     model, _, config = load_checkpoint(out)
-    assert config["peft_adapter"] == "llm_adapter"
+    assert config.peft_adapter == "llm_adapter"
     assert relative_error(multimodal_logits(model, reference, demo_questions[0]),
                           multimodal_logits(reference.model, reference, demo_questions[0])) <= 1e-6
 
@@ -267,7 +265,7 @@ def test_llava_export_of_a_cls_patch_plain_stage1_checkpoint(root):
     """select_feature cls_patch -> strategy "full" (+1 token), a positive select_layer, the `plain` template."""
     model, tokenizer = build_model("tiny", mm_vision_select_layer=2, mm_vision_select_feature="cls_patch")
     ckpt = root / "stage1-cls"
-    save_mm_checkpoint(ckpt, mm_config_for(model, "tiny", "mlp2x_gelu", "plain", "square"), tokenizer,
+    save_inference_files(ckpt, config_for_model(model, "tiny", "mlp2x_gelu", "plain", "square"), tokenizer,
                        model.projector.state_dict())
     out = export_checkpoint(ckpt, root / "llava-cls", "hf-llava", progress=False)
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
@@ -348,7 +346,7 @@ def test_unconvertible_towers_and_projectors_are_named(tmp_path, root, checkpoin
 
     model, tokenizer = build_model("tiny", mm_projector_type="linear")
     ckpt = tmp_path / "linear"
-    save_mm_checkpoint(ckpt, mm_config_for(model, "tiny", "linear", "vicuna_v1", "pad"), tokenizer,
+    save_inference_files(ckpt, config_for_model(model, "tiny", "linear", "vicuna_v1", "pad"), tokenizer,
                        model.projector.state_dict())
     with pytest.raises(ExportError, match="'linear' projector cannot"):
         export_checkpoint(ckpt, tmp_path / "out", "hf-llava", progress=False)

@@ -18,7 +18,8 @@ from transformers import LlavaForConditionalGeneration
 from mm_moslora.adapters import AdapterConfig, MoSLoRALinear, adapter_modules, inject_adapters, read_adapter_config
 from mm_moslora.adapters.moslora import MIXER_INITS
 from mm_moslora.export import export_checkpoint
-from mm_moslora.model.build import build_llm, build_model, load_checkpoint
+from mm_moslora.checkpoint import load_checkpoint
+from mm_moslora.model.build import build_llm, build_model
 from mm_moslora.train import args as train_args
 from tests.helpers import REPO_ROOT, make_tiny_checkpoint, subprocess_env
 

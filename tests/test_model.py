@@ -13,8 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from mm_moslora.data.conversation import tokenize_conversation
 from mm_moslora.data.images import ImageProcessor
-from mm_moslora.model.build import (TINY_DIR, build_llm, build_model, load_checkpoint, mm_config_for,
-                                    save_mm_checkpoint, weights_fingerprint)
+from mm_moslora.checkpoint import CheckpointError, config_for_model, load_checkpoint, save_inference_files
+from mm_moslora.model.build import TINY_DIR, build_llm, build_model, weights_fingerprint
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
 from mm_moslora.model.projector import build_projector, load_projector_state
 from mm_moslora.model.vision import TINY_VISION_NAME, VisionTower, register_tiny_config
@@ -351,12 +351,12 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
                                    mm_vision_select_feature="cls_patch")
     with torch.no_grad():  # a "tuned" tower: saved weights must replace the seeded ones
         model.vision.visual.conv1.weight.mul_(1.5)
-    config = mm_config_for(model, "tiny", "mlp3x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
-                           llm_fingerprint=weights_fingerprint(model.llm), stage=1)
-    save_mm_checkpoint(tmp_path, config, tokenizer, model.projector.state_dict(),
+    config = config_for_model(model, "tiny", "mlp3x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
+                           llm_fingerprint=weights_fingerprint(model.llm), stage="finetune")
+    save_inference_files(tmp_path, config, tokenizer, model.projector.state_dict(),
                        vision_state=model.vision.visual.state_dict())
     loaded, loaded_tokenizer, loaded_config = load_checkpoint(tmp_path)
-    assert loaded_config == json.loads(json.dumps(config))
+    assert loaded_config == config
     assert loaded.vision.select_layer == -1 and loaded.vision.select_feature == "cls_patch"
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert not loaded.training
@@ -373,9 +373,9 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
 
 def test_checkpoint_with_another_base_model_is_refused(tmp_path):
     model, tokenizer = build_model()
-    config = mm_config_for(model, "tiny", "mlp2x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
+    config = config_for_model(model, "tiny", "mlp2x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
                            llm_fingerprint="0123456789abcdef")
-    save_mm_checkpoint(tmp_path, config, tokenizer, model.projector.state_dict())
+    save_inference_files(tmp_path, config, tokenizer, model.projector.state_dict())
     with pytest.raises(ValueError, match="not the one this adapter was trained on.*fingerprint differs"):
         load_checkpoint(tmp_path)
 
@@ -390,16 +390,16 @@ def test_fingerprint_same_for_fp32_and_bf16_copies(tiny):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_checkpoint_trained_in_half_precision_loads(tmp_path, dtype):
     model, tokenizer = build_model(dtype=dtype)  # training builds the base in its own dtype
-    config = mm_config_for(model, "tiny", "mlp2x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
+    config = config_for_model(model, "tiny", "mlp2x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
                            llm_fingerprint=weights_fingerprint(model.llm))
-    save_mm_checkpoint(tmp_path, config, tokenizer, model.projector.state_dict())
+    save_inference_files(tmp_path, config, tokenizer, model.projector.state_dict())
     loaded, _, _ = load_checkpoint(tmp_path, dtype=dtype)
     assert next(loaded.llm.parameters()).dtype == dtype
 
 
 def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not an mm_moslora checkpoint"):
+    with pytest.raises(CheckpointError, match="not an mm_moslora checkpoint"):
         load_checkpoint(tmp_path)
     (tmp_path / "mm_config.json").write_text("{broken")
-    with pytest.raises(ValueError, match="invalid JSON"):
+    with pytest.raises(CheckpointError, match="invalid JSON"):
         load_checkpoint(tmp_path)

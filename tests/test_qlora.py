@@ -19,7 +19,8 @@ from mm_moslora.adapters import AdapterConfig, adapter_modules, adapter_state_di
 from mm_moslora.adapters.moslora import MoSLoRALinear  # noqa: E402
 from mm_moslora.export import export_checkpoint  # noqa: E402
 from mm_moslora.infer import InferenceEngine  # noqa: E402
-from mm_moslora.model.build import build_model, mm_config_for, save_mm_checkpoint, weights_fingerprint  # noqa: E402
+from mm_moslora.checkpoint import config_for_model, save_inference_files  # noqa: E402
+from mm_moslora.model.build import build_model, weights_fingerprint  # noqa: E402
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID  # noqa: E402
 from mm_moslora.model.quantize import (QuantizationError, check_quantized_training, count_quantized,  # noqa: E402
                                        dequantize_linears, quantize_linears)
@@ -118,10 +119,11 @@ def write_qlora_checkpoint(directory: Path, bits: int = 4) -> Path:
         vision_config = AdapterConfig(r=4, alpha=16.0, dropout=0.0, base_model="mm-tiny-vit")
         model.vision.add_adapters(vision_config)
         randomise_lora_B(model.vision.visual, seed=2, std=0.3)
-    mm_config = mm_config_for(model, "tiny", "mlp2x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
-                              stage="finetune", llm_fingerprint=fingerprint, vision_adapter=vision_config.to_dict(),
-                              bits=bits, quant_type="nf4", double_quant=True, quantized_from="fp32")
-    save_mm_checkpoint(directory, mm_config, tokenizer, model.projector.state_dict(),
+    checkpoint_config = config_for_model(
+        model, "tiny", "mlp2x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad", stage="finetune",
+        llm_fingerprint=fingerprint, vision_adapter=vision_config.to_dict(), bits=bits, quant_type="nf4",
+        double_quant=True, quantized_from="fp32")
+    save_inference_files(directory, checkpoint_config, tokenizer, model.projector.state_dict(),
                        adapter=(config, adapter_state_dict(model.llm)),
                        vision_adapter=(vision_config, adapter_state_dict(model.vision.visual)))
     return directory
@@ -147,7 +149,7 @@ def test_qlora_checkpoint_rebuilds_its_quantized_base_and_merged_exports_answer_
     assert merged_on_load.generate(requests, max_new_tokens=MAX_NEW) == answers
     out = export_checkpoint(checkpoint, tmp_path / "merged", "merged", progress=False)
     config = json.loads((out / "mm_config.json").read_text())
-    assert "bits" not in config and config["merged"] is True
+    assert config["bits"] == 16 and config["quant_type"] is None and config["merged"] is True
     merged = InferenceEngine.from_checkpoint(out, merge=False)
     assert count_quantized(merged.model.llm) == 0
     assert merged.generate(requests, max_new_tokens=MAX_NEW) == answers

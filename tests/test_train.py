@@ -218,7 +218,7 @@ def test_two_ranks_save_the_full_gathered_weights(config, small_demo_data, tmp_p
 
     from mm_moslora.data.conversation import tokenize_conversation
     from mm_moslora.data.images import ImageProcessor, load_image
-    from mm_moslora.model.build import load_checkpoint
+    from mm_moslora.checkpoint import load_checkpoint
 
     out = tmp_path / "out"
     proc = run([DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", free_port(), SCRIPTS / "finetune.py",
@@ -246,13 +246,13 @@ def test_two_ranks_save_the_full_gathered_weights(config, small_demo_data, tmp_p
         assert all(torch.equal(step_file[k], v) for k, v in load_file(str(out / name)).items())
 
     # Loads into one process and runs.
-    model, tokenizer, mm_config = load_checkpoint(out)
+    model, tokenizer, config = load_checkpoint(out)
     loaded = dict(model.llm.named_parameters())
     assert all(torch.equal(loaded[k], v) for k, v in adapter.items())
     record = image_records(small_demo_data, 1)[0]
     turns = [{"from": "human", "value": "<image>\n" + record["conversations"][0]["value"].replace("<image>\n", "")},
              {"from": "gpt", "value": record["conversations"][1]["value"]}]
-    input_ids, _ = tokenize_conversation(turns, tokenizer, mm_config["conv_mode"], model.num_image_tokens, 512)
+    input_ids, _ = tokenize_conversation(turns, tokenizer, config.conv_mode, model.num_image_tokens, 512)
     pixels = ImageProcessor.for_tower(model.vision)(load_image(small_demo_data / "images" / record["image"]))
     with torch.no_grad():
         logits = model(torch.as_tensor(input_ids)[None], pixel_values=pixels[None]).logits

@@ -27,7 +27,8 @@ from mm_moslora.adapters.vision import (
 )
 from mm_moslora.export import ExportError, export_checkpoint
 from mm_moslora.infer import InferenceEngine
-from mm_moslora.model.build import build_model, load_checkpoint, mm_config_for, save_mm_checkpoint
+from mm_moslora.checkpoint import CheckpointError, config_for_model, load_checkpoint, save_inference_files
+from mm_moslora.model.build import build_model
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
 from mm_moslora.model.vision import VisionTower
 from mm_moslora.train.args import parse_args
@@ -172,9 +173,9 @@ def write_checkpoint(directory: Path) -> Path:
         vision_config = AdapterConfig(r=4, alpha=16.0, dropout=0.0, mixer_init="orthogonal", base_model="mm-tiny-vit")
         model.vision.add_adapters(vision_config)
         randomise_lora_B(model.vision.visual, seed=2, std=0.3)
-    mm_config = mm_config_for(model, "tiny", "mlp2x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
+    config = config_for_model(model, "tiny", "mlp2x_gelu", conv_mode="vicuna_v1", image_aspect_ratio="pad",
                               stage="finetune", vision_adapter=vision_config.to_dict())
-    save_mm_checkpoint(directory, mm_config, tokenizer, model.projector.state_dict(),
+    save_inference_files(directory, config, tokenizer, model.projector.state_dict(),
                        adapter=(llm_config, adapter_state_dict(model.llm)),
                        vision_adapter=(vision_config, adapter_state_dict(model.vision.visual)))
     return directory
@@ -217,7 +218,7 @@ def test_saved_tower_adapter_loads_strictly_and_matters(checkpoint, reference, r
     shutil.copytree(checkpoint, bare)
     shutil.rmtree(bare / VISION_ADAPTER_DIR)
     config = json.loads((bare / "mm_config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="names a vision-tower adapter but vision_adapter/ is missing"):
+    with pytest.raises(CheckpointError, match="names a vision-tower adapter but vision_adapter/ is missing"):
         load_checkpoint(bare)
     (bare / "mm_config.json").write_text(json.dumps({**config, "vision_adapter": None}))
     without = InferenceEngine.from_checkpoint(bare, merge=False)

@@ -157,6 +157,31 @@ def render(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: s
     raise ValueError(f"unknown conversation template {template!r}; choose one of {TEMPLATES}")
 
 
+@dataclass(frozen=True)
+class StopMarkers:
+    """What ends a reply. `texts`: what the template writes after it (e.g. '</s>', '<|im_end|>', '\\n' for plain);
+    those of one token stop like eos and are in `token_ids` (with eos); longer ones are `strings`, matched on text."""
+    texts: list[str]
+    token_ids: list[int]
+    strings: list[str]
+
+
+def stop_markers(tokenizer: PreTrainedTokenizerBase, template: str) -> StopMarkers:
+    """The one definition of a reply's end, used by generation and by the exports' generation configs."""
+    if template == "plain":
+        texts = ["\n"]  # stage-1 captions end with a newline and no eos
+    else:
+        sentinel = "XQZSENTINELQZX"
+        rendered = render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                          tokenizer, template)
+        tail = rendered.text[rendered.text.index(sentinel) + len(sentinel):].strip()
+        texts = [tail] if tail else []
+    encoded = {text: tokenizer.encode(text, add_special_tokens=False) for text in texts}
+    single = {ids[0] for ids in encoded.values() if len(ids) == 1}
+    return StopMarkers(texts, sorted(single | ({tokenizer.eos_token_id} - {None})),
+                       [text for text, ids in encoded.items() if len(ids) > 1])
+
+
 def tokenize_rendered(rendered: Rendered, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int,
                       ) -> tuple[list[int], list[int]]:
     """Tokenize text (with `<image>` placeholders) -> (input_ids, labels) as Python lists.

@@ -26,9 +26,10 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 from transformers.generation import BaseStreamer
 
 from ..adapters import unload_adapters
-from ..data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, build_generation_prompt, render
+from ..checkpoint import CheckpointConfig, load_checkpoint
+from ..data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, build_generation_prompt, stop_markers
 from ..data.images import ImageProcessor
-from ..model.build import load_checkpoint, parse_dtype
+from ..model.build import parse_dtype
 from ..model.mm_model import IMAGE_TOKEN_ID, MultimodalLM
 from .static_decode import MASK_KINDS, StaticDecoder, Timings, phase
 
@@ -54,17 +55,6 @@ class PromptTooLongError(ValueError):
 
 class QuantizationUnavailable(RuntimeError):
     """--load-4bit/--load-8bit asked for where bitsandbytes cannot run."""
-
-
-def end_of_turn_texts(tokenizer: PreTrainedTokenizerBase, template: str) -> list[str]:
-    """Text the template writes after an assistant reply (e.g. '</s>', '<|im_end|>', '\\n' for plain)."""
-    if template == "plain":
-        return ["\n"]  # stage-1 captions end with a newline and no eos
-    sentinel = "XQZSENTINELQZX"
-    rendered = render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
-                      tokenizer, template)
-    tail = rendered.text[rendered.text.index(sentinel) + len(sentinel):].strip()
-    return [tail] if tail else []
 
 
 class _RowBudget(StoppingCriteria):
@@ -142,13 +132,10 @@ class InferenceEngine:
             raise ValueError("the tokenizer has no pad token (load it through mm_moslora.model.build)")
         self.model, self.tokenizer, self.conv_mode = model.eval(), tokenizer, conv_mode
         self.image_processor = image_processor or ImageProcessor.for_tower(model.vision, image_aspect_ratio)
-        self.stop_texts = end_of_turn_texts(tokenizer, conv_mode)
-        # End-of-turn texts of one token stop like eos; longer ones through generate's `stop_strings`.
-        encoded = {text: tokenizer.encode(text, add_special_tokens=False) for text in self.stop_texts}
-        single_tokens = {ids[0] for ids in encoded.values() if len(ids) == 1}
-        self.stop_token_ids = sorted(single_tokens | ({tokenizer.eos_token_id} - {None}))
-        self.stop_strings = [text for text, ids in encoded.items() if len(ids) > 1]
+        markers = stop_markers(tokenizer, conv_mode)
+        self.stop_texts, self.stop_token_ids, self.stop_strings = markers.texts, markers.token_ids, markers.strings
         self.decode = decode
+        self.checkpoint_config: CheckpointConfig | None = None  # set when loaded from a checkpoint folder
         self.timings: Timings | None = None
         self._static_decoder: StaticDecoder | None = None
         self._image_pool: ThreadPoolExecutor | None = None
@@ -157,7 +144,7 @@ class InferenceEngine:
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
                         merge: bool = True, conv_mode: str | None = None, quantize: str | None = None,
                         decode: str = "auto") -> "InferenceEngine":
-        """Load a training output (see model.build.load_checkpoint); conv_mode defaults to the checkpoint's.
+        """Load a training output (see checkpoint.load_checkpoint); conv_mode defaults to the checkpoint's.
 
         merge: fold the adapters into the base weights and drop the adapter layers (same answers, faster).
         quantize: "4bit" or "8bit" puts the LM's linear layers into bitsandbytes (CUDA only), after the
@@ -171,15 +158,16 @@ class InferenceEngine:
             check_quantization(quantize, device)
         load_device = "cpu" if quantize else device
         merge = merge or quantize is not None
-        model, tokenizer, mm_config = load_checkpoint(path, dtype=dtype, device=load_device, merge=merge)
+        model, tokenizer, config = load_checkpoint(path, dtype=dtype, device=load_device, merge=merge)
         if merge:
             unload_adapters(model.llm, merge=True)
         if quantize:
             quantize_llm(model.llm, quantize, parse_dtype(dtype))
             model.to(device)  # bitsandbytes quantizes the weights on their way to the GPU
-        return cls(model, tokenizer, conv_mode or mm_config.get("conv_mode", "vicuna_v1"),
-                   image_aspect_ratio=mm_config.get("image_aspect_ratio", "pad"),
-                   decode="hf" if (quantize or count_quantized(model.llm)) and decode == "auto" else decode)
+        engine = cls(model, tokenizer, conv_mode or config.conv_mode, image_aspect_ratio=config.image_aspect_ratio,
+                     decode="hf" if (quantize or count_quantized(model.llm)) and decode == "auto" else decode)
+        engine.checkpoint_config = config
+        return engine
 
     @property
     def device(self) -> torch.device:

@@ -23,11 +23,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..adapters import AdapterConfig, format_parameter_report, inject_adapters
+from ..checkpoint import config_for_model, save_inference_files
 from ..data.collate import collate, epoch_batches
 from ..data.dataset import LlavaDataset, load_llava_data
 from ..data.images import ImageProcessor
-from ..model.build import build_model, mm_config_for, save_mm_checkpoint, weights_fingerprint
 from ..errors import InputError, report_input_errors
+from ..model.build import build_model, weights_fingerprint
 from ..model.projector import load_pretrained_projector
 from ..model.quantize import DTYPE_NAMES, check_quantized_training, quantize_linears
 from .args import DEFAULT_DEMO_DIR, build_parser
@@ -223,11 +224,11 @@ def train(args: argparse.Namespace) -> dict:
         grad_accum=args.gradient_accumulation_steps, world_size=world_size, bf16=args.bf16, fp16=args.fp16,
         max_grad_norm=args.max_grad_norm, device=device)
 
-    mm_config = mm_config_for(model, args.model_name_or_path, args.mm_projector_type,
-                              "plain" if args.stage == "pretrain" else args.template, args.image_aspect_ratio,
-                              args.attn_implementation, stage=args.stage, llm_fingerprint=llm_fingerprint,
-                              vision_adapter=vision_adapter_config.to_dict() if vision_adapter_config else None,
-                              **quantization_fields(args, dtype))
+    checkpoint_config = config_for_model(
+        model, args.model_name_or_path, args.mm_projector_type, "plain" if args.stage == "pretrain" else args.template,
+        args.image_aspect_ratio, args.attn_implementation, stage=args.stage, llm_fingerprint=llm_fingerprint,
+        vision_adapter=vision_adapter_config.to_dict() if vision_adapter_config else None,
+        **quantization_fields(args, dtype))
 
     def write_inference_files(folder: Path) -> None:
         projector = gathered(list(engine.module.projector.named_parameters()))
@@ -242,7 +243,7 @@ def train(args: argparse.Namespace) -> dict:
             named = [(n, p) for n, p in engine.module.vision.visual.named_parameters() if ".lora_" in n]
             vision_adapter = (vision_adapter_config, gathered(named))
         if rank == 0:
-            save_mm_checkpoint(folder, mm_config, tokenizer, projector, adapter, vision, vision_adapter)
+            save_inference_files(folder, checkpoint_config, tokenizer, projector, adapter, vision, vision_adapter)
 
     def save(step: int) -> None:
         if state["samples"] == 0:  # nothing trained yet (every batch skipped): such weights are not a checkpoint
