@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from .data.conversation import IMAGE_PLACEHOLDER
-from .data.images import load_image
+from .data.images import ImageError, load_image
+from .errors import InputError
 from .infer import InferenceEngine, PromptTooLongError, QuantizationUnavailable, check_quantization
 
 HELP = """commands:
@@ -27,8 +28,11 @@ HELP = """commands:
   /exit         quit (Ctrl-D too); Ctrl-C stops a reply"""
 
 
-class ChatError(Exception):
+class ChatError(InputError):
     """Bad user input: reported on one line, and the chat goes on."""
+
+
+MAX_DOWNLOAD_BYTES = 64 << 20  # an image URL that sends more is refused (the pixel limit is load_image's)
 
 
 def open_image(spec: str, allow_url: bool) -> Image.Image:
@@ -38,7 +42,12 @@ def open_image(spec: str, allow_url: bool) -> Image.Image:
             raise ChatError(f"{spec}: remote images are only fetched with --allow-url")
         try:
             with urllib.request.urlopen(spec, timeout=30) as response:
-                return load_image(io.BytesIO(response.read()))
+                data = response.read(MAX_DOWNLOAD_BYTES + 1)
+            if len(data) > MAX_DOWNLOAD_BYTES:
+                raise ChatError(f"{spec}: more than {MAX_DOWNLOAD_BYTES >> 20} MiB, not fetched")
+            return load_image(io.BytesIO(data))
+        except InputError as err:
+            raise ChatError(str(err).replace("image:", f"{spec}:", 1)) from None
         except (OSError, ValueError) as err:
             raise ChatError(f"{spec}: cannot fetch or decode the image ({err})") from None
     path = Path(spec).expanduser()
@@ -48,6 +57,8 @@ def open_image(spec: str, allow_url: bool) -> Image.Image:
         raise ChatError(f"{spec}: no such file")
     try:
         return load_image(path)
+    except ImageError as err:  # refused before decoding (too many pixels, not a regular file): says why
+        raise ChatError(str(err)) from None
     except (OSError, ValueError) as err:
         raise ChatError(f"{spec}: cannot decode the image ({type(err).__name__})") from None
 

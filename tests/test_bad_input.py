@@ -212,3 +212,177 @@ def test_steps_whose_every_sample_was_skipped_are_counted_not_logged_as_loss_zer
     assert len(losses) == 6 and all(value > 0.1 for value in losses.values()), losses
     assert [value for _, value in logged["train/skipped_steps"]] == [1, 2]
     assert not set(losses) & {step for step, _ in logged["train/skipped_steps"]}
+
+
+# ---------------------------------------------------------------- images stay in their folder
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header claiming width x height pixels (a decompression bomb's first bytes: a few dozen)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def image_folders(tmp_path):
+    """tmp/images/ (the folder: a.png, link_out.png -> ../secret.png, sub/b.png) and tmp/secret.png outside."""
+    from tests.helpers import make_images
+
+    folder = tmp_path / "images"
+    make_images(folder, 1)[0].rename(folder / "a.png")
+    make_images(folder / "sub", 1)[0].rename(folder / "sub" / "b.png")
+    make_images(tmp_path, 1)[0].rename(tmp_path / "secret.png")
+    (folder / "link_out.png").symlink_to(tmp_path / "secret.png")
+    (folder / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
+    return folder
+
+
+def test_image_paths_cannot_leave_the_folder_unless_allowed(image_folders, tmp_path):
+    from mm_moslora.data.images import resolve_image_path
+
+    inside = {"a.png": image_folders / "a.png", "sub/b.png": image_folders / "sub" / "b.png",
+              "sub/../a.png": image_folders / "a.png"}
+    for image, expected in inside.items():
+        assert resolve_image_path(image, image_folders) == expected.resolve()
+    outside = {str(tmp_path / "secret.png"): "is absolute", "link_out.png": "is a symlink out of",
+               "linked_dir/secret.png": "is a symlink out of", "../secret.png": "leaves"}
+    for image, reason in outside.items():
+        with pytest.raises(ValueError, match=reason) as info:
+            resolve_image_path(image, image_folders)
+        assert "--allow_images_outside_folder" in str(info.value)
+        assert resolve_image_path(image, image_folders, allow_outside=True).resolve() == (tmp_path / "secret.png")
+    # The folder itself may be a link (a dataset kept elsewhere).
+    (tmp_path / "folder_link").symlink_to(image_folders, target_is_directory=True)
+    assert resolve_image_path("a.png", tmp_path / "folder_link") == (image_folders / "a.png").resolve()
+
+
+def test_training_data_with_images_outside_the_folder_is_refused(train, small_demo_data, tmp_path):
+    records = [r for r in json.loads((small_demo_data / "finetune.json").read_text()) if r.get("image")][:8]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, record in enumerate(records):
+        target = small_demo_data / "images" / record["image"]
+        if index == 3:  # an absolute path
+            record["image"] = str(target)
+        else:
+            link = folder / f"img{index}.png"
+            if index == 5:  # a symlink to a file outside the folder
+                link.symlink_to(target)
+            else:
+                link.write_bytes(target.read_bytes())
+            record["image"] = link.name
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    code, err = train("--max_steps", "1", data=data, image_folder=folder)
+    assert code == 2 and "Traceback" not in err
+    assert "record 3" in err and "is absolute" in err and "record 5" in err and "symlink out of" in err
+    assert not (tmp_path / "out" / "checkpoints").exists() or not list((tmp_path / "out" / "checkpoints").iterdir())
+    code, err = train("--max_steps", "1", "--allow_images_outside_folder", data=data, image_folder=folder)
+    assert code == 0, err
+
+
+# ---------------------------------------------------------------- eval/run_vqa.py question files
+@pytest.fixture(scope="module")
+def vqa_set(tmp_path_factory):
+    from tests.helpers import make_eval_set
+
+    return make_eval_set(tmp_path_factory.mktemp("vqa_bad"), n_questions=4)
+
+
+def run_vqa_main(vqa_set, questions: list | str, tmp_path: Path, *extra, image_folder: Path | None = None):
+    """(exit status, stderr, answers written) of eval/run_vqa.py on `questions` (records, or raw file text)."""
+    from eval import run_vqa
+    from tests.helpers import single_thread
+
+    question_file = tmp_path / "questions.jsonl"
+    question_file.write_text(questions if isinstance(questions, str)
+                             else "".join(json.dumps(q) + "\n" for q in questions))
+    answers = tmp_path / "answers.jsonl"
+    with single_thread():
+        code = run_vqa.main(["--model", str(vqa_set["checkpoint"]), "--question-file", str(question_file),
+                             "--image-folder", str(image_folder or vqa_set["images"]), "--answers-file",
+                             str(answers), "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu", *extra])
+    return code, answers.read_text().splitlines() if answers.exists() else []
+
+
+def vqa_questions(vqa_set) -> list[dict]:
+    return [json.loads(line) for line in vqa_set["questions"].read_text().splitlines()]
+
+
+@pytest.mark.parametrize("corrupt, named", [
+    (lambda text: text.replace("\n", "\nnull\n", 1), "questions.jsonl:2: a question must be a JSON object"),
+    (lambda text: text.replace('"question_id": "q1"', '"question_id": ["q", 1]'),
+     "'question_id' must be a string or an integer"),
+    (lambda text: json.dumps({"questions": [json.loads(line) for line in text.splitlines()]}, indent=2),
+     "one JSON object (1 keys: questions); expected one object per line"),
+    (lambda text: text + text.splitlines()[0] + "\n", "question q0 appears twice with the same text"),
+])
+def test_bad_question_files_are_one_line_errors_before_the_model_loads(vqa_set, tmp_path, capsys, monkeypatch,
+                                                                       corrupt, named):
+    from mm_moslora.infer import InferenceEngine
+
+    monkeypatch.setattr(InferenceEngine, "from_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, answers = run_vqa_main(vqa_set, corrupt(vqa_set["questions"].read_text()), tmp_path)
+    assert code == 2 and named in one_error_line(capsys.readouterr().err) and not answers
+
+
+def test_shared_ids_and_questions_without_an_image_are_answered_with_a_warning(vqa_set, tmp_path, capsys):
+    questions = vqa_questions(vqa_set)
+    questions[1]["question_id"] = questions[0]["question_id"]  # as in LLaVA's MME file: the image path as id
+    questions[1]["text"] += " Please answer yes or no."
+    del questions[2]["image"]
+    questions[2]["text"] = questions[2]["text"].replace("<image>\n", "")
+    code, answers = run_vqa_main(vqa_set, questions, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 0 and len(answers) == 4, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "1 question ids are shared" in warnings[0] and "1 of 4 questions have no image" in warnings[1]
+    # Resuming tells the two questions of id q0 apart by their prompt: nothing is asked twice or skipped.
+    code, again = run_vqa_main(vqa_set, questions, tmp_path)
+    assert code == 0 and again == answers
+
+
+def test_images_outside_the_folder_and_bombs_are_refused_in_run_vqa(vqa_set, tmp_path, capsys):
+    folder = tmp_path / "images"
+    shutil.copytree(vqa_set["images"], folder)
+    (folder / "link.png").symlink_to(vqa_set["images"] / "img0.png")
+    questions = vqa_questions(vqa_set)
+    questions[1]["image"] = "link.png"
+    code, answers = run_vqa_main(vqa_set, questions, tmp_path, image_folder=folder)
+    assert code == 2 and "question q1: image path 'link.png' is a symlink out of" in one_error_line(
+        capsys.readouterr().err) and not answers
+    code, answers = run_vqa_main(vqa_set, questions, tmp_path, "--allow-images-outside-folder", image_folder=folder)
+    assert code == 0 and len(answers) == 4
+    (tmp_path / "answers.jsonl").unlink()
+    bomb_png(folder / "bomb.png", 12_000, 12_000)
+    questions[3]["image"] = "bomb.png"
+    code, answers = run_vqa_main(vqa_set, questions, tmp_path, "--allow-images-outside-folder", image_folder=folder)
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and "question q3" in line and "12000x12000 pixels" in line
+    assert len(answers) == 2  # the batch before it is kept
+
+
+# ---------------------------------------------------------------- chat
+def test_a_decompression_bomb_in_chat_is_one_error_and_the_session_goes_on(tmp_path, monkeypatch, capsys):
+    from mm_moslora import chat
+    from tests.helpers import make_images
+
+    good = make_images(tmp_path, 1)[0]
+    for size in ((12_000, 12_000), (30_000, 30_000)):  # over Pillow's warning limit; over its error limit
+        bomb = bomb_png(tmp_path / f"bomb{size[0]}.png", *size)
+        with pytest.raises(chat.ChatError, match=rf"{size[0]}x{size[1]} pixels|exceeds limit"):
+            chat.open_image(str(bomb), allow_url=False)
+    session = chat.Chat(engine=None, args=chat.parse_args(["--model", "unused"]))
+    lines = iter([f"/image {tmp_path / 'bomb30000.png'}", f"/image {good}", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    session.loop()
+    out, err = capsys.readouterr()
+    assert session.image_spec == str(good) and f"image: {good}" in out
+    assert "bomb30000.png" in one_error_line(err)

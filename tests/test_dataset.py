@@ -256,13 +256,18 @@ def test_resolve_image_path(tmp_path):
         resolve_image_path("../secret.jpg", folder)
     with pytest.raises(ValueError, match="leaves --image_folder"):
         resolve_image_path("coco/../../secret.jpg", folder)
-    assert resolve_image_path("/abs/x.jpg", folder) == resolve_image_path("/abs/x.jpg", None) == \
-        type(folder)("/abs/x.jpg")
-    # Dataset folders are often symlinks to where the images really are: allowed.
+    # Absolute paths and symlinks out of the folder are refused unless allowed (docs/bad_input.md).
+    with pytest.raises(ValueError, match="is absolute"):
+        resolve_image_path("/abs/x.jpg", folder)
+    assert resolve_image_path("/abs/x.jpg", folder, allow_outside=True) == type(folder)("/abs/x.jpg")
     real = tmp_path / "storage" / "gqa"
     real.mkdir(parents=True)
     os.symlink(real, folder / "gqa")
-    assert resolve_image_path("gqa/x.jpg", folder) == folder / "gqa" / "x.jpg"
+    with pytest.raises(ValueError, match="symlink out of"):
+        resolve_image_path("gqa/x.jpg", folder)
+    assert resolve_image_path("gqa/x.jpg", folder, allow_outside=True) == folder / "gqa" / "x.jpg"
+    # The folder itself may be a symlink to where the images really are.
+    assert resolve_image_path("x.jpg", folder / "gqa") == real / "x.jpg"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -113,10 +113,10 @@ def test_missing_image_names_question_and_path(data, tmp_path, capsys):
 def test_undecodable_image_names_question(data, tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     questions = read(data["questions"])[:4]
-    questions[3]["image"] = str(tmp_path / "broken.png")  # absolute paths are used as they are
+    questions[3]["image"] = str(tmp_path / "broken.png")  # absolute: used as it is, with the opt-out flag
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(q) + "\n" for q in questions))
     answers = tmp_path / "a.jsonl"
-    assert run_main({**data, "questions": bad}, answers) == 2
+    assert run_main({**data, "questions": bad}, answers, "--allow-images-outside-folder") == 2
     assert f"question q3: cannot decode image {tmp_path / 'broken.png'}" in capsys.readouterr().err
     assert [a["question_id"] for a in read(answers)] == ["q0", "q1", "q2"]  # the batches before it are kept

@@ -338,7 +338,7 @@ def write_data_with_bad_records(data: Path, path: Path, corrupt_image: Path | No
     """16 good image records (with `corrupt_image`, the last one points at it) and the BAD_RECORDS among them."""
     good = image_records(data, 16)
     if corrupt_image is not None:
-        good[-1] = {**good[-1], "id": "corrupt-image", "image": str(corrupt_image)}  # absolute paths are allowed
+        good[-1] = {**good[-1], "id": "corrupt-image", "image": str(corrupt_image)}  # absolute: needs the opt-out
     records, bad_source = [], iter(image_records(data, 40)[20:])
     for index in range(len(good) + len(BAD_RECORDS)):
         if index in BAD_RECORDS:
@@ -357,6 +357,7 @@ def test_bad_records_stop_the_run_with_a_full_report_or_are_skipped(small_demo_d
     skip_file = write_data_with_bad_records(small_demo_data, tmp_path / "skip.json", corrupt_image=corrupt)
     # One epoch (16 usable records / 4 per step) draws every record, the corrupt image included.
     skipping = start(finetune_cmd(*data_flags(small_demo_data, skip_file), *FAST, "--skip_bad_samples",
+                                  "--allow_images_outside_folder",
                                   "--group_by_modality_length", "False", "--output_dir", tmp_path / "skip"),
                      tmp_path, "skip")
     strict = run(finetune_cmd(*data_flags(small_demo_data, data_file), *FAST, "--output_dir", tmp_path / "strict"),

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
+
+from ..errors import InputError
 
 ASPECT_MODES = ("pad", "square", "resize")
 
@@ -49,24 +53,69 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
-def resolve_image_path(image: str, image_folder: str | Path | None) -> Path:
-    """Join a record's relative image path to --image_folder, refusing paths that leave the folder.
+# Whether image paths may leave their folder (absolute paths, symlinks out): set once per process from
+# --allow_images_outside_folder (training) so every loader of the run applies the same rule.
+_images_may_leave_folder = False
 
-    The check is on the path as written ("../" components), not on resolved symlinks: image folders
-    are often links to where a dataset really lives (LLaVA's playground/data/coco -> /datasets/coco).
+
+def allow_images_outside_folder(allowed: bool) -> None:
+    """The process-wide default of resolve_image_path's `allow_outside` (training sets it from its flag)."""
+    global _images_may_leave_folder
+    _images_may_leave_folder = bool(allowed)
+
+
+class ImageError(InputError):
+    """An image that is refused: outside its folder, not a regular file, or too large to decode safely."""
+
+
+OUTSIDE_HINT = "pass --allow_images_outside_folder to allow it"
+
+
+def resolve_image_path(image: str, image_folder: str | Path | None, allow_outside: bool | None = None) -> Path:
+    """The file a record's image path names, which must stay inside --image_folder (the current directory when
+    none is given). Returns the resolved path: the file that was checked is the file that is opened.
+
+    Refused (ImageError): absolute paths, `../` components and symlinks whose target lies outside the folder. The
+    folder itself may be a symlink (resolved first: `--image_folder data` -> /datasets/coco is fine), but a symlink
+    inside it to elsewhere is refused like an absolute path: the data file and the folder's contents may come from
+    a download, the user's other files do not. `allow_outside` (default: allow_images_outside_folder's setting,
+    False) opts out: paths are then joined and used as written.
     """
+    allow_outside = _images_may_leave_folder if allow_outside is None else allow_outside
     path = Path(image)
-    if image_folder is None or path.is_absolute():
-        return path
-    folder = Path(os.path.abspath(image_folder))
-    full = Path(os.path.normpath(folder / path))
-    if folder != full and folder not in full.parents:
-        raise ValueError(f"image path {image!r} leaves --image_folder {str(image_folder)!r}")
+    if allow_outside:
+        return path if image_folder is None or path.is_absolute() else Path(image_folder) / path
+    named = f"--image_folder {str(image_folder)!r}" if image_folder is not None else "the current directory"
+    if path.is_absolute():
+        raise ImageError(f"image path {image!r} is absolute: images must be inside {named} ({OUTSIDE_HINT})")
+    folder = Path(os.path.realpath(image_folder if image_folder is not None else "."))
+    full = Path(os.path.realpath(folder / path))
+    if full != folder and folder not in full.parents:
+        how = "leaves" if ".." in path.parts else "is a symlink out of"
+        raise ImageError(f"image path {image!r} {how} {named} (to {full}; {OUTSIDE_HINT})")
     return full
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image (raises on truncated or undecodable files)."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+# Pillow's own bomb limit (it warns above it and refuses above twice it); we refuse above it, with a message.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # replaced by ImageError below
+
+
+def load_image(path: str | Path | BinaryIO) -> Image.Image:
+    """Open and fully decode an image (raises on truncated or undecodable files).
+
+    ImageError for a path that is not a regular file (a FIFO or device would block or never end) and for images of
+    more than MAX_IMAGE_PIXELS pixels, checked from the header before anything is decoded (decompression bombs)."""
+    name = path if isinstance(path, (str, Path)) else "image"
+    if isinstance(path, (str, Path)) and Path(path).exists() and not Path(path).is_file():
+        raise ImageError(f"{path}: not a regular file")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"{name}: {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed "
+                                 f"(a decompression bomb?)")
+            img.load()
+            return img.convert("RGB")
+    except Image.DecompressionBombError as err:  # Pillow's own check, before the header is ours to read
+        raise ImageError(f"{name}: {err}") from None

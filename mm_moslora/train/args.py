@@ -78,6 +78,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data_path", default=None, help="LLaVA JSON/JSONL (default: the built-in demo data)")
     d.add_argument("--image_folder", default=None)
+    flag("--allow_images_outside_folder", False, "let image paths leave --image_folder (absolute paths, symlinks "
+                                                 "to elsewhere); refused by default")
     d.add_argument("--image_aspect_ratio", default="pad", choices=["pad", "square", "resize"])
     d.add_argument("--version", "--conv_mode", dest="version", default="plain" if stage == "pretrain" else "chat_template",
                    help=f"conversation template: {sorted(VERSION_TO_TEMPLATE)}")

@@ -7,6 +7,7 @@ Runs under the `deepspeed` launcher (one process per GPU) or as a plain single `
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ from ..adapters import AdapterConfig, format_parameter_report, inject_adapters
 from ..checkpoint import config_for_model, save_inference_files
 from ..data.collate import collate, epoch_batches
 from ..data.dataset import LlavaDataset, load_llava_data
-from ..data.images import ImageProcessor
+from ..data.images import ImageProcessor, allow_images_outside_folder
 from ..errors import InputError, report_input_errors
 from ..model.build import build_model, weights_fingerprint
 from ..model.projector import load_pretrained_projector
@@ -137,10 +138,16 @@ def gathered(named_params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, to
         return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named_params}
 
 
+def _worker_image_policy(allowed: bool, worker_id: int) -> None:
+    """Loader processes started by spawn (not fork) begin with the default image rule: give them the run's."""
+    allow_images_outside_folder(allowed)
+
+
 # ---------------------------------------------------------------- the recipe
 def train(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rank, world_size, device = init_distributed()
+    allow_images_outside_folder(args.allow_images_outside_folder)
     logging.getLogger("mm_moslora").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # A bad --deepspeed file fails now, not after minutes of model loading (bucket sizes wait for the model).
     early_ds_config = load_deepspeed_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
@@ -281,7 +288,8 @@ def train(args: argparse.Namespace) -> dict:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=[b[rank] for b in order[micro_in_epoch:]],
             collate_fn=lambda s: collate(s, tokenizer.pad_token_id), num_workers=args.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+            generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch),
+            worker_init_fn=functools.partial(_worker_image_policy, args.allow_images_outside_folder))
         for batch in loader:
             loss, n_samples, n_tokens = train_micro_step(engine, batch, device, tokenizer.pad_token_id)
             if n_samples:  # this rank's loss; a micro-batch whose every sample was skipped has none
