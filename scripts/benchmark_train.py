@@ -2,14 +2,20 @@
 
     python scripts/benchmark_train.py --adapter moslora --lora_r 128 --batch 16 --seq 1025 --gradient_checkpointing
     deepspeed --num_gpus 2 scripts/benchmark_train.py --deepspeed deepspeed_configs/zero2.json ...
+    # the MoSLoRA paper's QLoRA setup: 4-bit NF4 LM + MoSLoRA r128 on it + tower MoSLoRA r64, batch 16 then 4
+    python scripts/benchmark_train.py --bits 4 --vision_adapter moslora --gradient_checkpointing --batch 16,4
 
 Builds the stack (LLaMA-2-7B-shaped LM, open_clip ViT-L-14-336, mlp2x_gelu), injects the adapter, wraps it in the
 same DeepSpeed engine and runs the same micro-step as scripts/finetune.py (mm_moslora.train.engine), on a fixed
-synthetic batch of 1 + 576 image + TEXT tokens per sample. Prints one JSON line: median step seconds, tokens/s
-(per GPU), model TFLOP/s (6N per token with checkpointing, 4N without, plus the vision forward, as
-shared/bench/peer_llava_peft.py counts), peak GiB. Compare with the peer only within one device call.
+synthetic batch of 1 + 576 image + TEXT tokens per sample. Prints one JSON line per batch size: median step
+seconds, tokens/s (per GPU), model TFLOP/s (6N per token with checkpointing, 4N without, plus the vision forward,
+as shared/bench/peer_llava_peft.py counts), peak GiB, and the loss of every step (the same batch each step, so a
+training step that works makes it fall). Compare with the peer only within one device call.
+--bits 4|8 quantizes the LM as scripts/finetune.py --bits does (mm_moslora.model.quantize); --vision_adapter adds
+adapters to the tower (with --gradient_checkpointing the tower's blocks are checkpointed too, as in training).
 """
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -23,6 +29,7 @@ import torch  # noqa: E402
 from mm_moslora.adapters import AdapterConfig, inject_adapters  # noqa: E402
 from mm_moslora.model.build import TINY_DIR, build_model  # noqa: E402
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID  # noqa: E402
+from mm_moslora.model.quantize import check_quantized_training, quantize_linears  # noqa: E402
 from mm_moslora.train.engine import build_engine, train_micro_step  # noqa: E402
 from mm_moslora.train.recipe import init_distributed  # noqa: E402
 
@@ -55,7 +62,15 @@ def main():
     ap.add_argument("--lora_r", type=int, default=128)
     ap.add_argument("--lora_alpha", type=float, default=256)
     ap.add_argument("--lora_dropout", type=float, default=0.05)
-    ap.add_argument("--batch", type=int, default=16, help="per-GPU micro-batch")
+    ap.add_argument("--batch", default="16", help="per-GPU micro-batch; a comma-separated list runs each in turn "
+                    "on the same model (peak memory measured per batch size)")
+    ap.add_argument("--bits", type=int, default=16, choices=[4, 8, 16], help="quantize the LM (QLoRA)")
+    ap.add_argument("--quant_type", default="nf4", choices=["nf4", "fp4"])
+    ap.add_argument("--no_double_quant", action="store_true")
+    ap.add_argument("--vision_adapter", default="none", choices=["none", "moslora", "lora"])
+    ap.add_argument("--vision_lora_r", type=int, default=64)
+    ap.add_argument("--vision_lora_alpha", type=float, default=16)
+    ap.add_argument("--learning_rate", type=float, default=1e-5)
     ap.add_argument("--text-tokens", type=int, default=448, help="text tokens per sample (after 1 + image tokens)")
     ap.add_argument("--seq", type=int, help="tokens per sample in all (1 + image tokens + text); overrides --text-tokens")
     ap.add_argument("--steps", type=int, default=8)
@@ -68,31 +83,56 @@ def main():
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    batches = [int(b) for b in args.batch.split(",")]
     rank, world_size, device = init_distributed()
     bf16 = args.dtype == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    check_quantized_training(args.bits, args.quant_type, device, zero_stage=2)
     model, tokenizer = build_model(config_only_model_dir(args.llm), args.vision_tower, None, -2, "patch",
                                    args.mm_projector_type, dtype, "sdpa", random_init_llm=True, init_device=device)
     model.llm.requires_grad_(False)
     n_llm = sum(p.numel() for p in model.llm.parameters())
     n_vis = sum(p.numel() for p in model.vision.parameters())
+    if args.bits != 16:
+        quantize_linears(model.llm, args.bits, args.quant_type, not args.no_double_quant, compute_dtype=dtype,
+                         device=device)
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    config = None
     if args.adapter != "none":
         torch.manual_seed(0)
-        inject_adapters(model.llm, AdapterConfig(adapter=args.adapter, r=args.lora_r, alpha=args.lora_alpha,
-                                                 dropout=args.lora_dropout), dtype=dtype)
+        config = AdapterConfig(adapter=args.adapter, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        inject_adapters(model.llm, config, dtype=dtype)
+    if args.vision_adapter != "none":
+        torch.manual_seed(1)
+        model.vision.add_adapters(AdapterConfig(adapter=args.vision_adapter, r=args.vision_lora_r,
+                                                alpha=args.vision_lora_alpha, dropout=args.lora_dropout), dtype=dtype)
     if args.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.vision_adapter != "none":
+            model.vision.set_gradient_checkpointing(True)
     model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine, _, _ = build_engine(model, deepspeed_config=args.deepspeed, learning_rate=1e-5, total_steps=1000,
-                                micro_batch=args.batch, world_size=world_size, bf16=bf16, device=device)
-    engine.train()
-
     n_img = model.num_image_tokens
     if args.seq is not None:
         if args.seq < 2 + n_img:
             ap.error(f"--seq {args.seq}: a sample holds 1 + {n_img} image tokens and at least one text token")
         args.text_tokens = args.seq - 1 - n_img
+    for batch_size in batches:  # largest first: a later engine's peak can only include leftovers, never flatter
+        run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16, n_llm, n_vis, trainable)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16, n_llm, n_vis, trainable):
+    """Time args.steps micro-steps (after args.warmup) at `batch_size` on a fresh engine; print one BENCH line."""
+    engine, _, _ = build_engine(model, deepspeed_config=args.deepspeed, learning_rate=args.learning_rate,
+                                total_steps=1000, micro_batch=batch_size, world_size=world_size, bf16=bf16,
+                                device=device)
+    engine.train()
+    args.batch = batch_size
+
+    n_img = model.num_image_tokens
     seq = 1 + n_img + args.text_tokens
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(100, 700, (args.batch, seq), generator=gen)
@@ -107,22 +147,25 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, losses = [], []
     for _ in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
         loss, _, _ = train_micro_step(engine, batch, device, tokenizer.pad_token_id)
         sync()
         times.append(time.perf_counter() - start)
+        losses.append(round(float(loss), 4))  # after the sync: costs no extra wait
     steady = sorted(times[args.warmup:])
     step_s = steady[len(steady) // 2]
     flops = (6 if args.gradient_checkpointing else 4) * n_llm * args.batch * seq + 2 * n_vis * args.batch * n_img
-    result = {"adapter": args.adapter, "r": args.lora_r, "gc": args.gradient_checkpointing, "batch": args.batch,
+    result = {"adapter": args.adapter, "r": args.lora_r, "bits": args.bits,
+              "vision_adapter": args.vision_adapter, "vision_r": args.vision_lora_r if args.vision_adapter != "none"
+              else None, "gc": args.gradient_checkpointing, "batch": args.batch,
               "seq": seq, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
               "step_s": round(step_s, 4), "tok_s_per_gpu": round(args.batch * seq / step_s),
               "samples_s_per_gpu": round(args.batch / step_s, 2), "tflops_per_gpu": round(flops / step_s / 1e12, 1),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
-              "trainable_m": round(trainable / 1e6, 1), "loss": round(float(loss), 4)}
+              "trainable_m": round(trainable / 1e6, 1), "losses": losses}
     if rank == 0:
         print("BENCH " + json.dumps(result), flush=True)
     if args.profile:
