@@ -304,11 +304,6 @@ def _leave_one_out(matches: Sequence[bool], left_out: Sequence[int]) -> float:
     return sum(min(1.0, (n_match - (k if hit else 0)) / 3) for hit, k in zip(matches, left_out)) / len(matches)
 
 
-def _record_identity(record: dict, answer: str) -> Hashable:
-    """What `item != gtAnsDatum` compares in vqaEval: the whole record, answer already processed."""
-    return json.dumps({**record, "answer": answer}, sort_keys=True, default=str)
-
-
 def vqav2_accuracy(submitted: str, human_answers: Sequence[dict]) -> float:
     """vqaEval.py's accuracy in [0, 1] of a submitted answer against one question's answer records.
 
@@ -323,12 +318,11 @@ def vqav2_accuracy(submitted: str, human_answers: Sequence[dict]) -> float:
         texts = [process_punctuation(text) for text in texts]
     matches = [text == result for text in texts]
     answer_ids = [record.get("answer_id") for record in human_answers]
-    if None not in answer_ids and len(set(answer_ids)) == len(answer_ids):
+    if all(isinstance(i, (int, str)) for i in answer_ids) and len(set(answer_ids)) == len(answer_ids):
         left_out = [1] * len(texts)  # every record differs from the others: one is left out
-    else:
-        identities = [_record_identity(record, text) for record, text in zip(human_answers, texts)]
-        counts = Counter(identities)
-        left_out = [counts[identity] for identity in identities]
+    else:  # vqaEval leaves out every record equal (`!=` on dicts, answer processed) to the one left out
+        records = [{**record, "answer": text} for record, text in zip(human_answers, texts)]
+        left_out = [sum(other == record for other in records) for record in records]
     return _leave_one_out(matches, left_out)
 
 
