@@ -25,7 +25,7 @@ start=$(date +%s)
 
 launch() {  # launch NAME COMMAND...: in its own session (killed as a group), exit status to OUT/NAME.status
     local name=$1; shift
-    setsid bash -c '"$@" >>"$0.log" 2>&1; echo $? >"$0.status"' "$OUT/$name" "$@" </dev/null &
+    setsid bash -c '"$@" >>"$0.log" 2>&1; echo $? >"$0.status"' "$OUT/$name" "$@" </dev/null >/dev/null 2>&1 &
     echo $!
 }
 done_() { [ -f "$OUT/$1.status" ]; }

@@ -189,6 +189,8 @@ def write_plots(data: dict, out: Path) -> list[str]:
                 values = [r["metrics"][metric] for r in data["variants"][name]["runs"] if metric in r["metrics"]]
                 ax.scatter([i] * len(values), values, s=6, color="black", zorder=3)
             ax.set_title(metric, fontsize=9)
+            if not metric.startswith("mme/"):  # percentages (MME's score is a sum over subtasks)
+                ax.set_ylim(0, 100)
             ax.set_xticks([])
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[len(metrics):]:
@@ -237,13 +239,15 @@ def write_plots(data: dict, out: Path) -> list[str]:
                 continue
             steps = sorted(set.intersection(*(set(s for s, _ in c) for c in runs)))
             per_step = [[dict(c)[s] for c in runs] for s in steps]
+            per_step = _running_mean(per_step, window=max(1, len(steps) // 40))
             mean = [sum(v) / len(v) for v in per_step]
             std = [math.sqrt(sum((x - mu) ** 2 for x in v) / max(1, len(v) - 1)) for v, mu in zip(per_step, mean)]
             ax.plot(steps, mean, color=colours[i % 10], label=f"{name} ({len(runs)} seeds)", linewidth=1)
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=colours[i % 10], alpha=0.2)
         ax.set_xlabel("stage-2 optimizer step")
-        ax.set_ylabel("training loss (mean ± std over seeds)")
+        ax.set_ylabel("training loss (mean ± std over seeds)" + (f", running mean of {max(1, len(steps) // 40)} steps"
+                                                                 if len(steps) >= 80 else ""), fontsize=8)
         ax.set_yscale("log")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -251,6 +255,16 @@ def write_plots(data: dict, out: Path) -> list[str]:
         plt.close(fig)
         written.append("loss_curves.png")
     return written
+
+
+def _running_mean(per_step: list[list[float]], window: int) -> list[list[float]]:
+    """Each seed's curve averaged over the last `window` steps (per-step losses of small batches are noisy)."""
+    if window <= 1:
+        return per_step
+    seeds = list(zip(*per_step))
+    smoothed = [[sum(c[max(0, i - window + 1):i + 1]) / len(c[max(0, i - window + 1):i + 1]) for i in range(len(c))]
+                for c in seeds]
+    return [list(v) for v in zip(*smoothed)]
 
 
 def _all_metrics(data: dict) -> list[str]:
