@@ -1,6 +1,7 @@
 """Training-speed benchmark (not a test): our real training step at LLaVA-1.5-7B's shape with random weights.
 
     python scripts/benchmark_train.py --adapter moslora --lora_r 128 --batch 16 --seq 1025 --gradient_checkpointing
+    python scripts/benchmark_train.py --lengths mix665k --packing both --batch 16 --rows 8 --gradient_checkpointing
     deepspeed --num_gpus 2 scripts/benchmark_train.py --deepspeed deepspeed_configs/zero2.json ...
     # the MoSLoRA paper's QLoRA setup: 4-bit NF4 LM + MoSLoRA r128 on it + tower MoSLoRA r64, batch 16 then 4
     python scripts/benchmark_train.py --bits 4 --vision_adapter moslora --gradient_checkpointing --batch 16,4
@@ -13,10 +14,18 @@ as shared/bench/peer_llava_peft.py counts), peak GiB, and the loss of every step
 training step that works makes it fall). Compare with the peer only within one device call.
 --bits 4|8 quantizes the LM as scripts/finetune.py --bits does (mm_moslora.model.quantize); --vision_adapter adds
 adapters to the tower (with --gradient_checkpointing the tower's blocks are checkpointed too, as in training).
+
+`--lengths mix665k` draws the samples' lengths from a LLaVA-1.5 mix665k-like distribution (MIX665K below) and
+batches them as training does: padded batches of --batch samples in the modality-grouped order, or (--packing)
+--rows rows of --max_length tokens filled by the packing order, attention through FlashAttention varlen on a GPU.
+It then reports samples/s over the timed steps (--packing both: one line each, same model, same samples) and, for
+packing, the largest difference between the packed and the padded loss of the same samples (dropout off).
 """
 import argparse
 import gc
 import json
+import math
+import random
 import sys
 import tempfile
 import time
@@ -27,10 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mm_moslora.adapters import AdapterConfig, inject_adapters  # noqa: E402
+from mm_moslora.data.collate import collate, collate_packed, epoch_batches, packed_epoch_batches  # noqa: E402
+from mm_moslora.model import packed_attention  # noqa: E402
 from mm_moslora.model.build import TINY_DIR, build_model  # noqa: E402
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID  # noqa: E402
 from mm_moslora.model.quantize import check_quantized_training, quantize_linears  # noqa: E402
-from mm_moslora.train.engine import build_engine, train_micro_step  # noqa: E402
+from mm_moslora.train.engine import MODEL_INPUTS, build_engine, train_micro_step  # noqa: E402
 from mm_moslora.train.recipe import init_distributed  # noqa: E402
 
 LLM_PRESETS = {
@@ -41,6 +52,41 @@ LLM_PRESETS = {
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                        max_position_embeddings=4096, tie_word_embeddings=False),
 }
+
+
+# LLaVA-1.5's mix665k, roughly (Liu et al. 2023, table 7; LLaVA-1.5 merges the QA pairs of one image): share of
+# samples, whether they have an image, and the range of their text tokens (drawn log-uniformly).
+MIX665K = (
+    (0.60, True, (12, 90)),      # single-turn VQA (VQAv2, GQA, OCR-VQA, OKVQA, A-OKVQA, RefCOCO, VG): short
+    (0.20, True, (100, 1400)),   # multi-turn conversations about one image (LLaVA-Instruct, merged VQA)
+    (0.10, True, (150, 450)),    # detailed descriptions and complex reasoning
+    (0.10, False, (40, 2048)),   # text-only ShareGPT chats
+)
+
+
+def mix665k_lengths(n: int, n_image_tokens: int, max_length: int, seed: int = 0) -> list[int]:
+    """Signed sample lengths (positive with an image, as data.dataset gives them), truncated to max_length."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        share, image, (low, high) = rng.choices(MIX665K, weights=[m[0] for m in MIX665K])[0]
+        text = round(math.exp(rng.uniform(math.log(low), math.log(high))))
+        length = min(max_length, 1 + (n_image_tokens if image else 0) + text)
+        out.append(length if image else -length)
+    return out
+
+
+def synthetic_sample(length: int, n_image_tokens: int, image_size: int, bos: int, gen: torch.Generator) -> dict:
+    """A sample of |length| tokens: BOS, the image's positions (length > 0), text; the second half supervised."""
+    n = abs(length)
+    ids = torch.randint(100, 700, (n,), generator=gen)
+    ids[0] = bos
+    n_img = n_image_tokens if length > 0 else 0
+    ids[1:1 + n_img] = IMAGE_TOKEN_ID
+    labels = ids.clone()
+    labels[:1 + n_img + (n - 1 - n_img) // 2] = -100
+    pixels = torch.randn(1, 3, image_size, image_size, generator=gen) if n_img else None
+    return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 
 
 def config_only_model_dir(preset: str) -> str:
@@ -73,6 +119,11 @@ def main():
     ap.add_argument("--learning_rate", type=float, default=1e-5)
     ap.add_argument("--text-tokens", type=int, default=448, help="text tokens per sample (after 1 + image tokens)")
     ap.add_argument("--seq", type=int, help="tokens per sample in all (1 + image tokens + text); overrides --text-tokens")
+    ap.add_argument("--lengths", default="fixed", choices=["fixed", "mix665k"],
+                    help="fixed: every sample --seq tokens; mix665k: LLaVA-1.5-like lengths (see MIX665K)")
+    ap.add_argument("--packing", default="off", choices=["off", "on", "both"], help="with --lengths mix665k")
+    ap.add_argument("--rows", type=int, default=8, help="packed rows per step (--packing)")
+    ap.add_argument("--max_length", type=int, default=2048, help="--model_max_length: packed row / truncation length")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gradient_checkpointing", action="store_true")
@@ -113,6 +164,24 @@ def main():
     model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_img = model.num_image_tokens
+    if args.lengths == "mix665k":
+        args.batch = batches[0]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        engine, _, _ = build_engine(model, deepspeed_config=args.deepspeed, learning_rate=args.learning_rate,
+                                    total_steps=1000, micro_batch=args.batch, world_size=world_size, bf16=bf16,
+                                    device=device)
+        engine.train()
+        if rank == 0:
+            for line in mixed_length_benchmark(args, engine, model, tokenizer, device, world_size, rank, sync):
+                print("BENCH " + json.dumps({**line, "adapter": args.adapter, "r": args.lora_r,
+                                             "gc": args.gradient_checkpointing, "world_size": world_size,
+                                             "zero_stage": engine.zero_optimization_stage(),
+                                             "trainable_m": round(trainable / 1e6, 1)}), flush=True)
+        else:
+            mixed_length_benchmark(args, engine, model, tokenizer, device, world_size, rank, sync)
+        return
+    if args.packing != "off":
+        ap.error("--packing needs --lengths mix665k (fixed-length samples leave nothing to pack)")
     if args.seq is not None:
         if args.seq < 2 + n_img:
             ap.error(f"--seq {args.seq}: a sample holds 1 + {n_img} image tokens and at least one text token")
@@ -142,7 +211,8 @@ def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16
     labels[:, :1 + n_img] = -100
     size = model.vision.image_size
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-             "pixel_values": torch.randn(args.batch, 3, size, size, generator=gen)}
+             "pixel_values": torch.randn(args.batch, 3, size, size, generator=gen),
+             "n_samples": args.batch, "n_tokens": ids.numel()}
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -171,6 +241,74 @@ def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16
     if args.profile:
         profile_step(lambda: train_micro_step(engine, batch, device, tokenizer.pad_token_id), sync,
                      Path(args.profile) / f"{args.adapter}-rank{rank}")
+
+
+def mixed_length_benchmark(args, engine, model, tokenizer, device, world_size: int, rank: int, sync) -> list[dict]:
+    """Time padded and/or packed steps over the same mix665k-like samples; one result dict per mode."""
+    n_img, size = model.num_image_tokens, model.vision.image_size
+    n_steps = args.warmup + args.steps
+    lengths = mix665k_lengths(max(4000, 64 * args.batch * world_size * n_steps), n_img, args.max_length)
+    gen = torch.Generator().manual_seed(rank)
+    modes = ["off", "on"] if args.packing == "both" else [args.packing]
+    results = []
+    for mode in modes:
+        if mode == "on":
+            order = packed_epoch_batches(lengths, args.max_length, args.rows, world_size, seed=0, epoch=0)[:n_steps]
+            batches = [collate_packed([{**synthetic_sample(lengths[i], n_img, size, tokenizer.bos_token_id, gen),
+                                        "row": row} for row, i in step[rank]], tokenizer.pad_token_id)
+                       for step in order]
+            if device.type == "cuda":
+                packed_attention.register()
+                model.llm.set_attn_implementation(packed_attention.NAME)
+        else:
+            order = epoch_batches(lengths, args.batch, world_size, seed=0, epoch=0)[:n_steps]
+            batches = [collate([synthetic_sample(lengths[i], n_img, size, tokenizer.bos_token_id, gen)
+                                for i in step[rank]], tokenizer.pad_token_id) for step in order]
+            model.llm.set_attn_implementation("sdpa")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for batch in batches:
+            sync()
+            start = time.perf_counter()
+            train_micro_step(engine, batch, device, tokenizer.pad_token_id)
+            sync()
+            times.append(time.perf_counter() - start)
+        timed = batches[args.warmup:]
+        seconds = sum(times[args.warmup:])
+        samples, tokens = sum(b["n_samples"] for b in timed), sum(b["n_tokens"] for b in timed)
+        slots = sum(b["input_ids"].numel() for b in timed)
+        result = {"lengths": "mix665k", "packing": mode == "on", "steps": len(timed),
+                  "samples_per_step": round(samples / len(timed), 1), "step_s": round(seconds / len(timed), 4),
+                  "samples_s_per_gpu": round(samples / seconds, 2), "tok_s_per_gpu": round(tokens / seconds),
+                  "pad_fraction": round(1 - tokens / slots, 3),
+                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None}
+        if mode == "on":
+            result["loss_diff_vs_padded"] = packed_loss_difference(model, order[0][rank], lengths, tokenizer, device)
+        results.append(result)
+    model.llm.set_attn_implementation("sdpa")
+    return results
+
+
+def packed_loss_difference(model, rows: list, lengths: list[int], tokenizer, device) -> float:
+    """|packed loss - padded loss| of one packed batch's samples, dropout off: the packed path must not change it."""
+    gen = torch.Generator().manual_seed(12345)
+    samples = [synthetic_sample(lengths[i], model.num_image_tokens, model.vision.image_size, tokenizer.bos_token_id,
+                                gen) for _, i in rows]
+    packed = collate_packed([{**s, "row": row} for s, (row, _) in zip(samples, rows)], tokenizer.pad_token_id)
+    padded = collate(samples, tokenizer.pad_token_id)
+    attn = model.llm.config._attn_implementation
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for batch, implementation in ((packed, attn), (padded, "sdpa")):
+            model.llm.set_attn_implementation(implementation)
+            inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+                      if k in MODEL_INPUTS}
+            losses.append(float(model(**inputs).loss))
+    model.train()
+    model.llm.set_attn_implementation(attn)
+    return round(abs(losses[0] - losses[1]), 5)
 
 
 def profile_step(step, sync, out: Path) -> None:

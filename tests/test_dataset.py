@@ -1,9 +1,10 @@
-"""LLaVA-format data (mm_moslora.data.dataset/images/collate): the validation report, the lazily tokenized
-dataset, image preprocessing and the epoch order. Files are written under tmp_path; the tokenizer is the
-shipped tiny one."""
+"""LLaVA-format data (mm_moslora.data.dataset/sources/images/collate): the validation report, the lazily
+tokenized dataset, image preprocessing and the epoch order. Files are written under tmp_path; the tokenizer is
+the shipped tiny one. Other formats, mixtures and packing: tests/test_data_formats.py, tests/test_packing.py."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -12,9 +13,11 @@ from PIL import Image
 
 from mm_moslora.data.collate import collate, epoch_batches
 from mm_moslora.data.conversation import IGNORE_INDEX
-from mm_moslora.data.dataset import (DataValidationError, LlavaDataset, load_llava_data, normalized_conversations,
-                                     read_raw_records)
+from mm_moslora.data.dataset import DataValidationError, InstructionDataset
+from mm_moslora.data.formats import to_sample
 from mm_moslora.data.images import ImageProcessor, load_image, resolve_image_path
+from mm_moslora.data.mixture import load_mixture, single_source
+from mm_moslora.data.sources import open_source
 from mm_moslora.model.build import build_tokenizer
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
 
@@ -76,9 +79,11 @@ EXPECTED = {
 
 
 def write_images(folder):
+    """good.png; corrupt.png (a PNG cut short: its header reads, its pixels do not); outside.png beside the folder."""
     folder.mkdir()
     Image.new("RGB", (48, 40), (200, 30, 30)).save(folder / "good.png")
-    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"definitely not image data" * 4)
+    Image.effect_noise((64, 64), 50).convert("RGB").save(folder / "corrupt.png")
+    (folder / "corrupt.png").write_bytes((folder / "corrupt.png").read_bytes()[:200])
     Image.new("RGB", (8, 8)).save(folder.parent / "outside.png")  # exists, but outside the folder
 
 
@@ -93,8 +98,21 @@ def data(tmp_path):
     return path, images
 
 
-def load(path, images, tokenizer, **kwargs):
-    return load_llava_data(str(path), tokenizer, TEMPLATE, N_IMG, str(images), MAX_LEN, **kwargs)
+def load(path, images, tokenizer, skip_bad_samples=False, template=TEMPLATE, max_length=MAX_LEN, exact=False):
+    """The validated data of one file: (mixture, its report)."""
+    mixture = load_mixture(single_source(str(path), str(images)), tokenizer, template, N_IMG, max_length,
+                           skip_bad_samples, seed=0, exact_lengths=exact, progress=False)
+    return mixture, mixture.reports[0]
+
+
+def ids_of(mixture) -> list[str]:
+    part = mixture.parts[0]
+    return [part.source.record(int(r))["id"] for r in mixture.rows]
+
+
+def samples_of(mixture):
+    part = mixture.parts[0]
+    return [to_sample(part.source.record(int(r)), part.source.format) for r in mixture.rows]
 
 
 def test_every_problem_is_reported_with_index_and_id(data, tokenizer):
@@ -112,15 +130,14 @@ def test_every_problem_is_reported_with_index_and_id(data, tokenizer):
 
 def test_skip_bad_samples_keeps_the_rest(data, tokenizer):
     path, images = data
-    records, report = load(path, images, tokenizer, skip_bad_samples=True)
+    mixture, report = load(path, images, tokenizer, skip_bad_samples=True)
     assert report.bad_indices == set(EXPECTED) and report.n_records == len(RECORDS)
     assert [p.index for p in report.problems] == sorted(p.index for p in report.problems)
-    assert records["id"] == GOOD
-    assert [list(i) for i in records["images"]] == [["good.png"], [], ["good.png"], ["corrupt.png"], ["good.png"]]
-    auto = json.loads(records["conversations"][2])
-    assert auto[0]["value"] == "<image>\nDescribe it."
-    system_first = json.loads(records["conversations"][4])
-    assert system_first[0]["value"] == "Be brief." and system_first[1]["value"] == "<image>\nWhat colour?"
+    assert ids_of(mixture) == GOOD and mixture.n_bad == len(EXPECTED)
+    samples = samples_of(mixture)
+    assert [s.images for s in samples] == [["good.png"], [], ["good.png"], ["corrupt.png"], ["good.png"]]
+    assert samples[2].turns[0]["value"] == "<image>\nDescribe it."
+    assert samples[4].turns[0]["value"] == "Be brief." and samples[4].turns[1]["value"] == "<image>\nWhat colour?"
 
 
 def test_json_list_file_and_null_entries(tmp_path, tokenizer):
@@ -130,17 +147,95 @@ def test_json_list_file_and_null_entries(tmp_path, tokenizer):
     path.write_text(json.dumps([RECORDS[0], None, RECORDS[10]], indent=1))
     with pytest.raises(DataValidationError, match=r"record 1 \(id <no id>\): record is null"):
         load(path, images, tokenizer)
-    records, _ = load(path, images, tokenizer, skip_bad_samples=True)
-    assert records["id"] == ["ok-img", "ok-text"]
+    mixture, _ = load(path, images, tokenizer, skip_bad_samples=True)
+    assert ids_of(mixture) == ["ok-img", "ok-text"]
     (tmp_path / "broken.json").write_text('[{"id": 1},\n {"id": ')
     with pytest.raises(DataValidationError, match="invalid JSON at line 2"):
-        read_raw_records(tmp_path / "broken.json")
+        open_source(tmp_path / "broken.json")
     with pytest.raises(FileNotFoundError):
-        read_raw_records(tmp_path / "absent.jsonl")
+        open_source(tmp_path / "absent.jsonl")
     only_bad = tmp_path / "bad.jsonl"
     only_bad.write_text(json.dumps(RECORDS[2]) + "\n")
     with pytest.raises(DataValidationError, match="no usable records"):
         load(only_bad, images, tokenizer, skip_bad_samples=True)
+
+
+def test_a_null_line_in_a_jsonl_file_is_a_bad_record(tmp_path, tokenizer):
+    """Issue 14: a `null` line was dropped and counted nowhere."""
+    images = tmp_path / "images"
+    write_images(images)
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([json.dumps(RECORDS[0]), "null", json.dumps(RECORDS[10])]) + "\n")
+    with pytest.raises(DataValidationError, match=r"1 of 3 records have problems\n  record 1 \(id <no id>\): record is null"):
+        load(path, images, tokenizer)
+    mixture, report = load(path, images, tokenizer, skip_bad_samples=True)
+    assert ids_of(mixture) == ["ok-img", "ok-text"] and report.bad_indices == {1} and mixture.n_bad == 1
+
+
+FOURTEEN_BAD = [  # (id, record or None for a `null` line, what the report says)
+    ("<no id>", None, "record is null"),
+    ("not-image", {"image": "text.png"}, "image 'text.png' is not a readable image"),
+    ("zero-byte", {"image": "empty.png"}, "image 'empty.png' is not a readable image"),
+    ("garbage", {"image": "garbage.png"}, "image 'garbage.png' is not a readable image"),
+    ("role-list", {"conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "x"}]},
+     "turn 0: unknown role ['human']"),
+    ("folder", {"image": "sub"}, "image 'sub' is not a regular file"),
+    ("no-conv", {"conversations": None}, "missing 'conversations'"),
+    ("bad-role", {"conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+     "turn 0: unknown role 'robot'"),
+    ("order", {"conversations": list(reversed(qa("hi")))}, "turns out of order"),
+    ("empty-reply", {"conversations": qa("<image>\nhi", "  ")}, "turn 1: empty assistant reply"),
+    ("missing", {"image": "nope.png"}, "image 'nope.png' not found"),
+    ("two-ph", {"conversations": qa("<image> <image>")}, "2 <image> placeholders but 1 images"),
+    ("<no id>", [1, 2], "record is not a JSON object"),
+    ("value-type", {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
+     "turn 0: 'value' must be a string"),
+]
+
+
+def test_validation_finds_every_bad_record_of_a_file(tmp_path, tokenizer):
+    """Issue 14: the report found 10 of these 14 (unreadable images, a null line) or stopped with a traceback."""
+    images = tmp_path / "images"
+    write_images(images)
+    (images / "sub").mkdir()
+    (images / "text.png").write_text("hello, not an image")
+    (images / "empty.png").write_bytes(b"")
+    (images / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"nonsense" * 8)
+    good = {"image": "good.png", "conversations": qa("<image>\nWhat is it?")}
+    lines = []
+    for i, (record_id, change, _) in enumerate(FOURTEEN_BAD):
+        lines.append(json.dumps({"id": f"good-{i}", **good}))
+        if change is None or isinstance(change, list):
+            lines.append(json.dumps(change))
+        else:
+            record = {"id": record_id, **good, **change}
+            lines.append(json.dumps({k: v for k, v in record.items() if v is not None}))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataValidationError) as info:
+        load(path, images, tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"{path}: 14 of 28 records have problems")
+    for i, (record_id, _, problem) in enumerate(FOURTEEN_BAD):
+        assert f"record {2 * i + 1} (id {record_id}): {problem}" in message, (record_id, message)
+    assert "good-" not in message
+
+
+def test_a_file_holding_one_json_object_is_one_clear_error(tmp_path, tokenizer):
+    """Issue 14: a top-level object over 32 lines gave 32 "invalid JSON" lines."""
+    images = tmp_path / "images"
+    write_images(images)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"version": 1, "data": [RECORDS[0], RECORDS[10]]}, indent=2))
+    assert len(path.read_text().splitlines()) > 20
+    for skip in (False, True):
+        with pytest.raises(DataValidationError) as info:
+            load(path, images, tokenizer, skip_bad_samples=skip)
+        assert str(info.value) == (f"{path}: the file holds one JSON object, not a list of records (a JSON list, or "
+                                   "one object per line); its key 'data' holds a list of 2 objects: save that list "
+                                   "as the file")
+    path.write_text(json.dumps(RECORDS[0]))  # one record on one line: a JSONL file of one record
+    assert ids_of(load(path, images, tokenizer)[0]) == ["ok-img"]
 
 
 def test_template_rules_are_validated_even_for_short_records(tmp_path, tokenizer):
@@ -151,32 +246,42 @@ def test_template_rules_are_validated_even_for_short_records(tmp_path, tokenizer
                {"id": "multi", "image": "good.png", "conversations": qa("<image>\nDescribe.") + qa("More?", "No.")}]
     path.write_text("\n".join(json.dumps(r) for r in records))
     with pytest.raises(DataValidationError) as info:
-        load_llava_data(str(path), tokenizer, "plain", N_IMG, str(images), 2048)
+        load(path, images, tokenizer, template="plain", max_length=2048)
     assert "record 1 (id multi): the plain template takes one human turn and one gpt reply" in str(info.value)
     assert "(id cap)" not in str(info.value)
 
 
-def test_normalized_conversations_puts_one_placeholder_per_image():
+def test_images_without_placeholders_go_before_the_first_human_turn():
     record = {"image": ["a.png", "b.png"], "conversations": qa("Compare.")}
-    assert normalized_conversations(record)[0]["value"] == "<image>\n<image>\nCompare."
+    assert to_sample(record, "llava").turns[0]["value"] == "<image>\n<image>\nCompare."
     assert record["conversations"][0]["value"] == "Compare."  # the record itself is not modified
 
 
-def test_dataset_items_and_collate_drop_undecodable_images(data, tokenizer):
+def test_dataset_items_and_collate_drop_undecodable_images(data, tokenizer, caplog):
     path, images = data
-    records, _ = load(path, images, tokenizer, skip_bad_samples=True)
+    estimated = load(path, images, tokenizer, skip_bad_samples=True)[0]
+    mixture, _ = load(path, images, tokenizer, skip_bad_samples=True, exact=True)  # as --packing validates
+    assert estimated.reports[0].problems == mixture.reports[0].problems
     processor = ImageProcessor(64, CLIP_MEAN, CLIP_STD, "pad")
-    dataset = LlavaDataset(records, tokenizer, TEMPLATE, N_IMG, processor, str(images), MAX_LEN)
-    items = [dataset[i] for i in range(len(dataset))]
+    dataset = InstructionDataset(mixture.parts, mixture.source_ids, mixture.rows, mixture.lengths, tokenizer,
+                                 TEMPLATE, N_IMG, processor, MAX_LEN)
+    with caplog.at_level(logging.WARNING):
+        items = [dataset[i] for i in range(len(dataset))]
+    # The warning names the source, the row and the id of the sample it skips.
+    assert f"skipping {path} record 12 (id corrupt): an image failed to decode" in caplog.text
     assert items[GOOD.index("corrupt")] is None
     image_item, text_item = items[0], items[1]
     assert image_item["pixel_values"].shape == (1, 3, 64, 64) and text_item["pixel_values"] is None
     assert (image_item["input_ids"] == IMAGE_TOKEN_ID).sum() == N_IMG
     assert image_item["input_ids"].shape == image_item["labels"].shape and len(image_item["input_ids"]) <= MAX_LEN
-    lengths = dataset.lengths()  # LLaVA's modality lengths: + for image samples, - for text-only
-    assert lengths[0] == len(records["conversations"][0].split()) + N_IMG
-    assert lengths[1] == -len(records["conversations"][1].split())
+    lengths = dataset.lengths()  # LLaVA's modality lengths, exact: + for image samples, - for text-only
+    assert lengths[0] == len(image_item["input_ids"]) and lengths[1] == -len(text_item["input_ids"])
     assert [n > 0 for n in lengths] == [True, False, True, True, True]
+    assert [abs(n) for i, n in enumerate(lengths) if items[i] is not None] == \
+        [len(item["input_ids"]) for item in items if item is not None]
+    words = [sum(len(t["value"].split()) for t in s.turns) + N_IMG * len(s.images) for s in samples_of(estimated)]
+    assert estimated.lengths.tolist() == [n if n_img > 0 else -n for n, n_img in  # LLaVA's estimate otherwise
+                                          zip(words, [len(s.images) for s in samples_of(estimated)])]
 
     batch = collate(items, pad_token_id=tokenizer.pad_token_id)
     assert batch["n_skipped"] == 1

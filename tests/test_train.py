@@ -44,10 +44,10 @@ def data_flags(data: Path, data_file: str | Path = "finetune.json") -> list[str]
     return ["--data_path", str(data / data_file), "--image_folder", str(data / "images")]
 
 
-def start(cmd: list, cwd: Path, name: str) -> subprocess.Popen:
+def start(cmd: list, cwd: Path, name: str, env: dict | None = None) -> subprocess.Popen:
     """Start `cmd` in the background; its stdout/stderr go to files CWD/NAME.out and .err (a pipe could fill up)."""
     logs = open(cwd / f"{name}.out", "w"), open(cwd / f"{name}.err", "w")
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=logs[0], stderr=logs[1], env=ENV)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=logs[0], stderr=logs[1], env={**ENV, **(env or {})})
     proc.log_files = logs
     return proc
 
@@ -64,8 +64,9 @@ def finish(proc: subprocess.Popen, expect_ok: bool = True) -> subprocess.Complet
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def run(cmd: list, cwd: Path, expect_ok: bool = True, name: str = "run") -> subprocess.CompletedProcess:
-    return finish(start(cmd, cwd, name), expect_ok)
+def run(cmd: list, cwd: Path, expect_ok: bool = True, name: str = "run", env: dict | None = None,
+        ) -> subprocess.CompletedProcess:
+    return finish(start(cmd, cwd, name, env), expect_ok)
 
 
 def finetune_cmd(*args) -> list:
@@ -212,8 +213,9 @@ def fresh_trainable_shapes(lora_r: int) -> tuple[dict, dict]:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: CPU ranks)")
-@pytest.mark.parametrize("config", ["zero3", "zero2"])
-def test_two_ranks_save_the_full_gathered_weights(config, small_demo_data, tmp_path):
+@pytest.mark.parametrize("config, packing", [("zero3", True), ("zero2", False)])
+def test_two_ranks_save_the_full_gathered_weights(config, packing, small_demo_data, tmp_path):
+    """ZeRO-3 runs with --packing (one packed row of 384 tokens per rank and step), ZeRO-2 with padded batches."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from mm_moslora.data.conversation import tokenize_conversation
@@ -223,8 +225,14 @@ def test_two_ranks_save_the_full_gathered_weights(config, small_demo_data, tmp_p
     out = tmp_path / "out"
     proc = run([DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", free_port(), SCRIPTS / "finetune.py",
                 "--deepspeed", CONFIGS / f"{config}.json", *data_flags(small_demo_data), *FAST, *VISION_ADAPTER,
+                *(["--packing", "True", "--per_device_train_batch_size", "1", "--model_max_length", "384"]
+                  if packing else []),
                 "--max_steps", "2", "--save_steps", "0", "--output_dir", out], cwd=tmp_path)
     assert f"{SUMMARY} 2 steps" in proc.stdout
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["packing"] is packing and summary["world_size"] == 2
+    if packing:  # several samples in each rank's packed row
+        assert summary["samples"] > 2 * 2 * 2
 
     adapter, projector = (load_file(str(out / name)) for name in INFERENCE_FILES)
     expected_adapter, expected_projector = fresh_trainable_shapes(lora_r=8)

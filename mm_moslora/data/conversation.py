@@ -39,7 +39,7 @@ def to_messages(conversations: list[dict]) -> list[dict]:
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise ConversationError(f"turn {i} must be an object with 'from' and 'value'")
-        role = ROLE_OF.get(turn["from"])
+        role = ROLE_OF.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise ConversationError(f"turn {i}: unknown role {turn['from']!r} (expected human/gpt)")
         if not isinstance(turn["value"], str):
@@ -67,11 +67,15 @@ class Rendered:
 def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     """What the chat template writes right after an assistant reply, up to the next turn (e.g. '</s>',
     '<|im_end|>', '<|eot_id|>'): it is supervised so the model learns to stop."""
+    cached = getattr(tokenizer, "_mm_end_of_turn", None)  # one render per tokenizer, not one per conversation
+    if cached is not None and cached[0] == tokenizer.chat_template:
+        return cached[1]
     sentinel = "XQZSENTINELQZX"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
                                          tokenize=False)
-    tail = text[text.index(sentinel) + len(sentinel):]
-    return tail.rstrip()
+    tail = text[text.index(sentinel) + len(sentinel):].rstrip()
+    tokenizer._mm_end_of_turn = (tokenizer.chat_template, tail)
+    return tail
 
 
 def _reply_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase, text: str,

@@ -34,13 +34,23 @@ class MultimodalLM(nn.Module):
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(feats.to(proj_dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_counts: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) with image_token_id at image positions; pixel_values: (n_images, 3, H, W),
-        the images in reading order of their positions -> inputs_embeds (B, T, llm_hidden).
+        the images in reading order of their positions; image_counts: (B,) images per row (optional; a packed
+        row holds several samples) -> inputs_embeds (B, T, llm_hidden).
 
-        Raises ValueError when the image positions and the image features differ in number.
+        Raises ValueError when the image positions and the image features differ in number, in all or in a row.
         """
         image_mask = input_ids == self.image_token_id
+        if image_counts is not None:
+            per_row = image_mask.sum(1).cpu()
+            expected = image_counts.cpu() * self.num_image_tokens
+            if not torch.equal(per_row, expected):
+                row = int((per_row != expected).nonzero()[0])
+                raise ValueError(f"image tokens and image features do not match in row {row}: {int(per_row[row])} "
+                                 f"image-token positions vs {int(image_counts[row])} images x "
+                                 f"{self.num_image_tokens} features")
         # The sentinel is no vocabulary id: look up any valid id there, it is overwritten below.
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         n_positions = int(image_mask.sum())
@@ -63,14 +73,17 @@ class MultimodalLM(nn.Module):
         return embeds.masked_scatter(image_mask.unsqueeze(-1), feats.to(embeds.dtype))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **llm_kwargs):
-        """input_ids, attention_mask, labels: (B, T); pixel_values: (n_images, 3, H, W).
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                image_counts: torch.Tensor | None = None, **llm_kwargs):
+        """input_ids, attention_mask, labels: (B, T); pixel_values: (n_images, 3, H, W); image_counts: (B,).
 
+        Packed rows (data.collate.collate_packed) come without attention_mask, with `position_ids` that restart
+        for every sample and the FlashAttention keyword arguments (cu_seq_lens_q, ...): all go to the LM.
         Returns the LM's output (`.loss` when labels are given; labels use -100 for ignored positions).
         With labels, the loss is computed from the supervised positions only (see `supervised_loss`), and
         `.logits` is None.
         """
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        inputs_embeds = self.embed(input_ids, pixel_values, image_counts)
         if labels is not None and self._can_select_logits():
             return self.supervised_loss(inputs_embeds, attention_mask, labels, **llm_kwargs)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
@@ -86,6 +99,8 @@ class MultimodalLM(nn.Module):
         alone, so image and prompt positions (over half of a LLaVA sequence) cost no vocabulary projection
         and no fp32 logits are materialised for them. Equal to the Hugging Face loss (mean over labels != -100).
         """
+        # No KV cache in a loss pass (transformers also reads packed rows from position_ids only without one).
+        llm_kwargs.setdefault("use_cache", False)
         hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                         **llm_kwargs).last_hidden_state          # (B, T, H)
         targets = labels[:, 1:]

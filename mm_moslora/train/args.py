@@ -76,7 +76,12 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     q.add_argument("--quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type")
     flag("--double_quant", True, "4-bit: also quantize the quantization constants (QLoRA's double quantization)")
     d = p.add_argument_group("data")
-    d.add_argument("--data_path", default=None, help="LLaVA JSON/JSONL (default: the built-in demo data)")
+    d.add_argument("--data_path", default=None,
+                   help="JSON/JSONL, Parquet file or folder, datasets save_to_disk folder or hub-layout folder, with "
+                        "LLaVA, ShareGPT, OpenAI-messages or cauldron records (detected); a .yaml file is a "
+                        "mixture (default: the built-in demo data)")
+    d.add_argument("--data_mixture", default=None, metavar="MIX.yaml",
+                   help="several sources with sampling ratios or sample counts (see mm_moslora/data/mixture.py)")
     d.add_argument("--image_folder", default=None)
     flag("--allow_images_outside_folder", False, "let image paths leave --image_folder (absolute paths, symlinks "
                                                  "to elsewhere); refused by default")
@@ -86,6 +91,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     d.add_argument("--model_max_length", type=int, default=2048)
     flag("--group_by_modality_length", True)
     flag("--skip_bad_samples", False, "train on the good records instead of stopping at bad ones")
+    flag("--packing", False, "pack several samples into each sequence of --model_max_length tokens (each attends "
+                             "only to itself); --per_device_train_batch_size then counts packed rows")
     flag("--lazy_preprocess", True, "accepted for LLaVA compatibility (data is always tokenized lazily)")
     d.add_argument("--dataloader_num_workers", type=int, default=0)
     t = p.add_argument_group("training")
@@ -141,6 +148,12 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if args.data_path and Path(args.data_path).suffix.lower() in (".yaml", ".yml"):
+        if args.data_mixture:
+            parser.error("--data_path is a mixture file and --data_mixture is given too: give one")
+        args.data_mixture, args.data_path = args.data_path, None  # LLaVA-NeXT passes mixtures as --data_path
+    if args.data_path and args.data_mixture:
+        parser.error("--data_path and --data_mixture are exclusive (list every source in the mixture file)")
     if args.save_strategy == "no":
         args.save_steps = 0
     args.stage = stage

@@ -65,19 +65,22 @@ def build_engine(model: torch.nn.Module, *, deepspeed_config: str, learning_rate
     return engine, optimizer, scheduler
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts", "position_ids",
+                "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def train_micro_step(engine, batch: dict, device: torch.device, pad_token_id: int) -> tuple[torch.Tensor, int, int]:
     """Forward, backward and (at accumulation boundaries) optimizer step on one micro-batch.
 
-    batch: the collator's output. Returns (detached loss, samples, non-pad tokens). A micro-batch whose
-    every image failed to decode still runs a zero-loss step, so all ranks stay in step.
+    batch: the output of data.collate.collate or collate_packed. Returns (detached loss, samples, non-pad
+    tokens). A micro-batch whose every image failed to decode still runs a zero-loss step, so all ranks stay
+    in step.
     """
     if "input_ids" in batch:
-        inputs = {k: (batch[k].to(device, non_blocking=True) if batch[k] is not None else None) for k in MODEL_INPUTS}
+        inputs = {k: (batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k])
+                  for k in MODEL_INPUTS if k in batch}
         loss = engine(**inputs).loss
-        n_samples, n_tokens = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
+        n_samples, n_tokens = batch["n_samples"], batch["n_tokens"]
     else:
         dummy = torch.full((1, 1), pad_token_id, device=device)
         loss = engine(input_ids=dummy, labels=torch.full_like(dummy, -100)).loss * 0.0

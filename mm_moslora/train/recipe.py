@@ -25,9 +25,13 @@ from tqdm.auto import tqdm
 
 from ..adapters import AdapterConfig, format_parameter_report, inject_adapters
 from ..checkpoint import config_for_model, save_inference_files
-from ..data.collate import collate, epoch_batches
-from ..data.dataset import LlavaDataset, load_llava_data
+from ..data.collate import collate, collate_packed, epoch_batches, packed_epoch_batches
+from ..data.dataset import InstructionDataset
 from ..data.images import ImageProcessor, allow_images_outside_folder
+from ..data.mixture import (MIXTURE_FILE, load_mixture, mixture_differences, read_mixture, single_source,
+                            write_mixture)
+from ..data.sources import DataValidationError
+from ..model import packed_attention
 from ..errors import InputError, report_input_errors
 from ..model.build import build_model, weights_fingerprint
 from ..model.projector import load_pretrained_projector
@@ -63,8 +67,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def default_data(args: argparse.Namespace, rank: int) -> None:
-    """No --data_path: generate (once) and use the built-in synthetic visual-QA data."""
-    if args.data_path is not None:
+    """No --data_path or --data_mixture: generate (once) and use the built-in synthetic visual-QA data."""
+    if args.data_path is not None or args.data_mixture is not None:
         return
     from ..demo_data import generate
 
@@ -197,26 +201,49 @@ def train(args: argparse.Namespace) -> dict:
             log.warning("no --pretrain_mm_mlp_adapter: the projector starts from random weights")
     adapter_config = set_trainable(model, args, dtype)
     vision_adapter_config = add_vision_adapter(model, args, adapter_config, dtype)
+    if args.packing and device.type == "cuda" and args.attn_implementation == "sdpa":
+        # Packed rows on a GPU: FlashAttention varlen over the samples instead of a (T x T) block mask.
+        packed_attention.register()
+        model.llm.set_attn_implementation(packed_attention.NAME)
+        log.info("--packing: attention through FlashAttention varlen (%s)", packed_attention.NAME)
     if args.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if vision_adapter_config is not None or args.unfreeze_mm_vision_tower:  # activations kept for backward
             model.vision.set_gradient_checkpointing(True)
     log.info(format_parameter_report(model))
 
-    # Data: validated up front, tokenized lazily.
-    records, report = load_llava_data(args.data_path, tokenizer, args.template, model.num_image_tokens,
-                                      args.image_folder, args.model_max_length, args.skip_bad_samples)
-    dataset = LlavaDataset(records, tokenizer, args.template, model.num_image_tokens,
-                           ImageProcessor.for_tower(model.vision, args.image_aspect_ratio), args.image_folder,
-                           args.model_max_length)
+    # Data: every source validated up front (exact token lengths come out of it), tokenized lazily.
+    specs = (read_mixture(args.data_mixture, args.image_folder) if args.data_mixture
+             else single_source(args.data_path, args.image_folder))
+    mixture = load_mixture(specs, tokenizer, args.template, model.num_image_tokens, args.model_max_length,
+                           args.skip_bad_samples, args.seed, exact_lengths=args.packing, progress=rank == 0)
+    for entry in mixture.record["sources"]:
+        log.info("data: %s (%s, %s records): %d records, %d bad, %d taken", entry["path"], entry["kind"],
+                 entry["format"], entry["records"], entry["bad_records"], entry["taken"])
+    dataset = InstructionDataset(mixture.parts, mixture.source_ids, mixture.rows, mixture.lengths, tokenizer,
+                                 args.template, model.num_image_tokens,
+                                 ImageProcessor.for_tower(model.vision, args.image_aspect_ratio), args.model_max_length)
     lengths = dataset.lengths()
-    batches_per_epoch = len(epoch_batches(lengths, args.per_device_train_batch_size, world_size, args.seed, 0,
-                                          args.group_by_modality_length))
-    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+    if tag and (ckpt_dir / tag / MIXTURE_FILE).is_file():
+        diffs = mixture_differences(json.loads((ckpt_dir / tag / MIXTURE_FILE).read_text()), mixture.record)
+        if diffs:
+            raise DataValidationError(f"{ckpt_dir / tag}: the training data differs from the checkpoint's "
+                                      f"({'; '.join(diffs)}): resume with the same data, or use another --output_dir")
+
+    def epoch_order(epoch: int) -> list:
+        """Global steps of one epoch; each rank's part is a batch (or, packed, rows of samples)."""
+        if args.packing:
+            return packed_epoch_batches(lengths, args.model_max_length, args.per_device_train_batch_size, world_size,
+                                        args.seed, epoch)
+        return epoch_batches(lengths, args.per_device_train_batch_size, world_size, args.seed, epoch,
+                             args.group_by_modality_length)
+
+    steps_per_epoch = len(epoch_order(0)) // args.gradient_accumulation_steps
     if steps_per_epoch == 0:
-        raise ValueError(f"{args.data_path}: {len(dataset)} usable records are fewer than one optimizer step needs "
-                         f"(batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}"
-                         f" x {world_size} processes)")
+        unit = f"packed rows of {args.model_max_length} tokens" if args.packing else "samples"
+        raise DataValidationError(f"{args.data_mixture or args.data_path}: {len(dataset)} usable records are fewer than one "
+                         f"optimizer step needs ({args.per_device_train_batch_size} {unit} x accumulation "
+                         f"{args.gradient_accumulation_steps} x {world_size} processes)")
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     flags_record = training_record(args, **derived, total_steps=total_steps)
     if recorded_flags and recorded_flags.get("total_steps") not in (None, total_steps):
@@ -251,6 +278,7 @@ def train(args: argparse.Namespace) -> dict:
             vision_adapter = (vision_adapter_config, gathered(named))
         if rank == 0:
             save_inference_files(folder, checkpoint_config, tokenizer, projector, adapter, vision, vision_adapter)
+            write_mixture(mixture.record, folder)  # the exact data a checkpoint was trained on
 
     def save(step: int) -> None:
         if state["samples"] == 0:  # nothing trained yet (every batch skipped): such weights are not a checkpoint
@@ -281,13 +309,13 @@ def train(args: argparse.Namespace) -> dict:
     micro_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
     while state["global_step"] < total_steps:
         epoch, micro_in_epoch = divmod(state["micro_step"], micro_per_epoch)
-        order = epoch_batches(lengths, args.per_device_train_batch_size, world_size, args.seed, epoch,
-                              args.group_by_modality_length)[:micro_per_epoch]
+        order = epoch_order(epoch)[:micro_per_epoch]
         # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, which dropout
         # uses too, and a resumed run creates its loader at another point of that stream.
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=[b[rank] for b in order[micro_in_epoch:]],
-            collate_fn=lambda s: collate(s, tokenizer.pad_token_id), num_workers=args.dataloader_num_workers,
+            collate_fn=lambda s: (collate_packed if args.packing else collate)(s, tokenizer.pad_token_id),
+            num_workers=args.dataloader_num_workers,
             generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch),
             worker_init_fn=functools.partial(_worker_image_policy, args.allow_images_outside_folder))
         for batch in loader:
@@ -370,7 +398,7 @@ def train(args: argparse.Namespace) -> dict:
                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
                "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                "skipped_images": state["skipped_images"], "skipped_steps": state["skipped_steps"],
-               "dropped_records": len(report.bad_indices),
+               "dropped_records": mixture.n_bad, "packing": args.packing,
                "output_dir": str(out_dir)}
     if rank == 0:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
