@@ -285,6 +285,8 @@ def mixed_length_benchmark(args, engine, model, tokenizer, device, world_size: i
                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None}
         if mode == "on":
             result["loss_diff_vs_padded"] = packed_loss_difference(model, order[0][rank], lengths, tokenizer, device)
+            result["attention"] = model.llm.config._attn_implementation + (
+                f" ({packed_attention.backend})" if packed_attention.backend else "")
         results.append(result)
     model.llm.set_attn_implementation("sdpa")
     return results

@@ -12,11 +12,14 @@ keyword arguments as this module.
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
 
 NAME = "mm_varlen"
+backend: str | None = None  # which kernel the last packed batch went through (benchmarks report it)
+log = logging.getLogger(__name__)
 
 
 def _torch_varlen():
@@ -44,10 +47,19 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
         value = value.repeat_interleave(heads // value.shape[1], dim=1)
     q, k, v = (t.transpose(1, 2).reshape(batch * length, heads, dim) for t in (query, key, value))
-    varlen = _torch_varlen() if q.is_cuda else None
+    global backend
+    varlen = _torch_varlen() if q.is_cuda and backend != "sdpa per segment (varlen failed)" else None
+    out = None
     if varlen is not None:
-        out = varlen(q, k, v, cu_seq_lens.to(torch.int32), int(max_length), scaling)
-    else:
+        try:
+            out = varlen(q, k, v, cu_seq_lens.to(torch.int32), int(max_length), scaling)
+            backend = "torch varlen FlashAttention"
+        except RuntimeError as err:  # e.g. a GPU or dtype the kernel does not support: same result, slower
+            log.warning("FlashAttention varlen failed (%s); packed attention runs one SDPA call per sample", err)
+            backend = "sdpa per segment (varlen failed)"
+    if out is None:
+        if backend is None:
+            backend = "sdpa per segment"
         bounds = cu_seq_lens.tolist()
         out = torch.cat([
             F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
