@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mm_moslora.adapters import adapter_modules
-from mm_moslora.infer import InferenceEngine, PromptTooLongError, Request
+from mm_moslora.infer import InferenceEngine, PromptTooLongError, ReplyOptions, Request
 from tests.helpers import mixed_requests
 
 MAX_NEW = 4
@@ -71,6 +71,31 @@ def test_streaming_pieces_make_the_answer(engine, tiny_checkpoint_files):
     assert max(n_pieces) >= 2  # text arrives while it is generated, not at the end
     with pytest.raises(ValueError, match="exactly one request"):
         engine.generate(requests[:2], stream=print)
+
+
+@pytest.mark.parametrize("decode", ["hf", "static"])
+def test_reply_options_per_request_in_one_batch(engine, tiny_checkpoint_files, decode, monkeypatch):
+    """Budgets, stop strings, streaming and cancellation per request, all in one batch, on both decoders."""
+    monkeypatch.setattr(engine, "decode", decode)
+    requests = mixed_requests(tiny_checkpoint_files[1])[:6]
+    alone = engine.generate(requests, max_new_tokens=12, batch_size=1)
+    short = engine.generate(requests[:1], max_new_tokens=3)
+    stop = alone[1][3:6]
+    assert len(alone[1]) > 6 and alone[2] and alone[4] and alone[0] != short[0]
+    pieces = [[] for _ in requests]
+    options = [ReplyOptions(max_new_tokens=3), ReplyOptions(stop=["never there", stop]),
+               ReplyOptions(on_text=pieces[2].append), ReplyOptions(cancelled=lambda: True, max_new_tokens=30),
+               ReplyOptions(on_text=pieces[4].append, stop=[stop]), ReplyOptions()]
+    answers = engine.generate(requests, max_new_tokens=12, batch_size=6, options=options)
+    assert answers[0] == short[0] and options[0].finish_reason == "length" and options[0].n_tokens == 3
+    assert answers[1] == alone[1].split(stop, 1)[0].strip() and options[1].finish_reason == "stop"
+    assert answers[2] == alone[2] == "".join(pieces[2]) and len(pieces[2]) >= (2 if decode == "hf" else 1)
+    # A cancelled row ends at the next check: after its first token (generate), at a sync point (static).
+    assert options[3].finish_reason == "cancelled" and options[3].n_tokens <= (1 if decode == "hf" else 8)
+    assert "".join(pieces[4]) == answers[4] == alone[4].split(stop, 1)[0].strip()
+    assert answers[5] == alone[5] and options[5].finish_reason in ("stop", "length")
+    with pytest.raises(ValueError, match="2 options for 6 requests"):
+        engine.generate(requests, options=options[:2])
 
 
 def test_prompt_longer_than_context(engine, tiny_checkpoint_files):

@@ -1,7 +1,7 @@
 """Inference: the one generation engine behind chat and evaluation, and its static-cache decoder."""
-from .engine import (DECODE_MODES, InferenceEngine, PromptTooLongError, QuantizationUnavailable, Request,
-                     check_quantization, left_pad)
+from .engine import (DECODE_MODES, InferenceEngine, PromptTooLongError, QuantizationUnavailable, ReplyOptions,
+                     Request, check_quantization, left_pad)
 from .static_decode import CudaGraphCaptureError, StaticDecoder, Timings
 
 __all__ = ["DECODE_MODES", "CudaGraphCaptureError", "InferenceEngine", "PromptTooLongError", "QuantizationUnavailable",
-           "Request", "StaticDecoder", "Timings", "check_quantization", "left_pad"]
+           "ReplyOptions", "Request", "StaticDecoder", "Timings", "check_quantization", "left_pad"]

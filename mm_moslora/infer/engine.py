@@ -4,12 +4,15 @@ A request is `(messages, images)`: chat messages [{"role", "content"}] whose `<i
 match the PIL images in order. Prompts are built by `data.conversation.build_generation_prompt`, image
 features are written into the embeddings by `MultimodalLM.embed`, and decoding is
 either `static_decode.StaticDecoder` (static KV cache, CUDA-graph steps: the default on CUDA) or Hugging
-Face's `generate(inputs_embeds=..., attention_mask=...)` (streaming, CPU, and the `decode="hf"` escape
-hatch). Both take position ids from the attention mask, so left padding does not shift positions and a
+Face's `generate(inputs_embeds=..., attention_mask=...)` (CPU, and the `decode="hf"` escape hatch). Both take position ids from the attention mask, so left padding does not shift positions and a
 batch answers exactly as its requests would one by one (greedy, fp32), and both answer alike. Every row
 also stops on its own: at eos, at the template's end-of-turn text, or when it reaches `max_new_tokens`
 or the model's context, whatever the other rows of its batch do. Images are preprocessed in a thread
 pool, the next batch's while the current one generates.
+
+Per-request controls (`ReplyOptions`: own reply budget, own stop strings, a text callback, a cancel check)
+let one batch carry requests of different clients (the server batches them so); both decoders check them
+per row, Hugging Face generate after every token, the static decoder at its sync points.
 """
 from __future__ import annotations
 
@@ -17,13 +20,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
-from transformers.generation import BaseStreamer
 
 from ..adapters import unload_adapters
 from ..checkpoint import CheckpointConfig, load_checkpoint
@@ -43,6 +46,24 @@ class Request(NamedTuple):
     images: list[Image.Image]
 
 
+@dataclass
+class ReplyOptions:
+    """Per-request controls of `InferenceEngine.generate`, and what it reports back about the reply.
+
+    max_new_tokens: this request's budget (None: generate's); stop: strings that end the reply (cut before
+    them, like the template's end of turn); on_text: receives the reply's text pieces as they are generated
+    (they add up to the returned reply); cancelled: polled while generating, True ends the row (its reply is
+    what was generated so far). Written by generate: finish_reason ("stop": an end of turn or a stop string,
+    "length": the budget or the context, "cancelled") and n_tokens (tokens generated).
+    """
+    max_new_tokens: int | None = None
+    stop: Sequence[str] = ()
+    on_text: Callable[[str], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+    finish_reason: str | None = field(default=None, init=False)
+    n_tokens: int = field(default=0, init=False)
+
+
 class PromptTooLongError(ValueError):
     """A prompt leaves no room for a reply in the model's context."""
 
@@ -57,68 +78,98 @@ class QuantizationUnavailable(RuntimeError):
     """--load-4bit/--load-8bit asked for where bitsandbytes cannot run."""
 
 
-class _RowBudget(StoppingCriteria):
-    """Stops row i after `budgets[i]` new tokens (its share of the context), independently of the batch."""
+class _ReplyText:
+    """One row's reply while it is generated: hands new text to `options.on_text` and tells when the row has
+    ended (a stop token, a stop text, or cancellation).
 
-    def __init__(self, budgets: list[int]):
-        self.budgets, self.start = budgets, None
+    The whole reply is decoded each time and only its new tail is handed on, so pieces always add up to
+    the decoded text; a tail that may still change is held back: an incomplete multi-byte character,
+    trailing white space (the reply is stripped), or the beginning of a stop text. Nothing after a stop
+    text is handed on.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, options: ReplyOptions, stop_texts: list[str],
+                 stop_token_ids: list[int], watch_texts: bool):
+        self.tokenizer, self.options, self.stop_token_ids = tokenizer, options, stop_token_ids
+        self.stop_texts = [s for s in [*stop_texts, *options.stop] if s]
+        # Decoding every step is needed only to stream, or to find a stop text that is not one token.
+        self.watching = options.on_text is not None or options.cancelled is not None or watch_texts \
+            or bool(options.stop)
+        self.emitted, self.ended, self.cancelled = 0, False, False
+
+    def text(self, token_ids: list[int]) -> tuple[str, bool]:
+        """(reply text, whether it has ended) of these new tokens: cut at the first stop token or stop text."""
+        stop = next((k for k, t in enumerate(token_ids) if t in self.stop_token_ids), None)
+        text = self.tokenizer.decode(token_ids[:stop], skip_special_tokens=True).lstrip()
+        cut = min((text.find(s) for s in self.stop_texts if s in text), default=-1)
+        return (text[:cut] if cut >= 0 else text), stop is not None or cut >= 0
+
+    def update(self, token_ids: list[int]) -> bool:
+        """The row's tokens so far -> whether it has ended; streams what is new."""
+        if self.ended:
+            return True
+        if self.options.cancelled is not None and self.options.cancelled():
+            self.ended = self.cancelled = True
+            return True
+        if not self.watching:
+            return False
+        text, self.ended = self.text(token_ids)
+        if not self.ended:
+            if text.endswith("\ufffd"):
+                return False
+            held = max((k for s in self.stop_texts for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - held]
+        self._emit(text.rstrip())
+        return self.ended
+
+    def finish(self, token_ids: list[int]) -> str:
+        """All the row's new tokens -> the reply (stripped); streams the rest and fills in the options' results."""
+        text, stopped = self.text(token_ids)
+        text = text.strip()
+        if not self.cancelled:
+            self._emit(text)
+        stop = next((k for k, t in enumerate(token_ids) if t in self.stop_token_ids), len(token_ids) - 1)
+        self.options.n_tokens = min(len(token_ids), stop + 1)
+        self.options.finish_reason = "cancelled" if self.cancelled else "stop" if stopped else "length"
+        return text
+
+    def _emit(self, text: str) -> None:
+        if self.options.on_text is not None and len(text) > self.emitted:
+            self.options.on_text(text[self.emitted:])
+            self.emitted = len(text)
+
+
+class _RowEnds(StoppingCriteria):
+    """Ends row i after `budgets[i]` new tokens (its share of the context), or when its _ReplyText says it has
+    ended, independently of the batch (generate then pads the row)."""
+
+    def __init__(self, budgets: list[int], replies: list[_ReplyText]):
+        self.budgets, self.replies, self.start = budgets, replies, None
+        self.lengths = list(budgets)  # the tokens of each row before generate's padding
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         if self.start is None:  # called once per new token: the first call follows the first token
             self.start = input_ids.shape[1] - 1
         generated = input_ids.shape[1] - self.start
-        return torch.tensor(self.budgets, device=input_ids.device) <= generated
-
-
-class _CallbackStreamer(BaseStreamer):
-    """Hands the reply's new text to `callback` after every token, as generate produces them.
-
-    The whole reply is decoded each time and only its new tail is handed on, so pieces always add up to
-    the decoded text; a tail that may still change is held back: an incomplete multi-byte character,
-    or the beginning of an end-of-turn text. Nothing after an end-of-turn text is handed on.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, callback: Callable[[str], None], stop_texts: list[str]):
-        self.tokenizer, self.callback, self.stop_texts = tokenizer, callback, stop_texts
-        self.token_ids: list[int] = []
-        self.emitted, self.stopped, self.prompt_seen = 0, False, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate first puts the prompt ids (none when given inputs_embeds)
-            self.prompt_seen = True
-            return
-        self.token_ids.extend(value.reshape(-1).tolist())
-        self._emit(final=False)
-
-    def end(self) -> None:
-        self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
-        if self.stopped:
-            return
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).lstrip()  # replies are stripped
-        cut = min((text.find(s) for s in self.stop_texts if s in text), default=-1)
-        if cut >= 0:
-            text, self.stopped = text[:cut], True
-        elif not final:
-            if text.endswith("\ufffd"):
-                return
-            held = max((k for s in self.stop_texts for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - held]
-        if len(text) > self.emitted:
-            self.callback(text[self.emitted:])
-            self.emitted = len(text)
+        ended = [budget <= generated for budget in self.budgets]
+        if any(reply.watching for reply in self.replies):
+            rows = input_ids[:, self.start:].tolist()
+            for i, (reply, row) in enumerate(zip(self.replies, rows)):
+                if not ended[i] and reply.watching and not reply.ended and reply.update(row):
+                    ended[i], self.lengths[i] = True, generated
+            ended = [done or reply.ended for done, reply in zip(ended, self.replies)]
+        return torch.tensor(ended, device=input_ids.device)
 
 
 class InferenceEngine:
     """A MultimodalLM with its tokenizer, image processor and conversation template, ready to answer.
 
     `generate` is the only decoding path of the project: chat streams through it with one request, the
-    evaluation runs batches through it.
+    evaluation runs batches through it, the server batches its clients' requests through it.
 
-    decode: "auto" (the static decoder on CUDA for non-streaming generation, Hugging Face generate
-    otherwise), "static" (always the static decoder, with CUDA graphs on CUDA; streaming still uses
-    generate) or "hf" (always generate). `timings`: set to a `Timings` to record per-phase times.
+    decode: "auto" (the static decoder on CUDA, Hugging Face generate otherwise), "static" (always the static
+    decoder, with CUDA graphs on CUDA) or "hf" (always generate). Streamed text arrives after every token from
+    generate and every `sync_every` (8) tokens from the static decoder. `timings`: set to a `Timings` to record per-phase times.
     """
 
     def __init__(self, model: MultimodalLM, tokenizer: PreTrainedTokenizerBase, conv_mode: str,
@@ -177,10 +228,10 @@ class InferenceEngine:
     def context_length(self) -> int:
         return int(self.model.llm.config.max_position_embeddings)
 
-    def decode_path(self, streaming: bool = False) -> str:
+    def decode_path(self) -> str:
         """"static" or "hf": the decoder `generate` uses now (see the class docstring)."""
-        if streaming or self.decode == "hf":
-            return "hf"  # the streamer hands on text per token, which the static decoder does not
+        if self.decode == "hf":
+            return "hf"
         if self.decode == "static":
             return "static"
         supported = self.model.llm.config._attn_implementation in MASK_KINDS
@@ -220,16 +271,23 @@ class InferenceEngine:
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request | tuple], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 32, stream: Callable[[str], None] | None = None,
-                 truncate: bool = False) -> list[str]:
+                 truncate: bool = False, options: Sequence[ReplyOptions] | None = None) -> list[str]:
         """Answer each request; returns the replies in input order (stripped, without end-of-turn text).
 
         Greedy when temperature is 0, else sampling with temperature and nucleus `top_p`. Requests are
         sorted by prompt length into batches of `batch_size` to cut padding. `stream` receives the text
-        pieces of a single request as they are generated (Ctrl-C raises KeyboardInterrupt through it).
+        pieces of a single request as they are generated (Ctrl-C raises KeyboardInterrupt through it);
+        `options`, one per request, set budgets, stop strings, streaming and cancellation per request.
         """
         if stream is not None and len(requests) != 1:
             raise ValueError("streaming needs exactly one request")
-        if max_new_tokens < 1 or batch_size < 1:
+        if options is not None and len(options) != len(requests):
+            raise ValueError(f"{len(options)} options for {len(requests)} requests")
+        options = list(options) if options is not None else [ReplyOptions() for _ in requests]
+        if stream is not None:
+            options[0].on_text = stream
+        budgets = [max_new_tokens if o.max_new_tokens is None else o.max_new_tokens for o in options]
+        if min(budgets, default=1) < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
         prompts = []
         for index, (messages, images) in enumerate(requests):
@@ -247,17 +305,17 @@ class InferenceEngine:
         for index, rows in enumerate(batches):
             pixels, upcoming = upcoming, (preprocess(batches[index + 1]) if index + 1 < len(batches) else [])
             texts = self._generate_rows([prompts[i] for i in rows], [len(requests[i][1]) for i in rows], pixels,
-                                        max_new_tokens, temperature, top_p, stream)
+                                        [budgets[i] for i in rows], temperature, top_p, [options[i] for i in rows])
             for i, text in zip(rows, texts):
                 answers[i] = text
         return answers
 
-    def _generate_rows(self, prompts: list[list[int]], n_images: list[int], pixels: list[Future], max_new_tokens: int,
-                       temperature: float, top_p: float, stream: Callable[[str], None] | None) -> list[str]:
+    def _generate_rows(self, prompts: list[list[int]], n_images: list[int], pixels: list[Future], budgets: list[int],
+                       temperature: float, top_p: float, options: list[ReplyOptions]) -> list[str]:
         """_generate_batch, halving the batch while the GPU runs out of memory (a default batch size that suits
         an H200 then still runs on a smaller GPU, only slower). n_images: images per prompt, to split `pixels`."""
         try:
-            return self._generate_batch(prompts, pixels, max_new_tokens, temperature, top_p, stream)
+            return self._generate_batch(prompts, pixels, budgets, temperature, top_p, options)
         except torch.cuda.OutOfMemoryError:
             if len(prompts) == 1:
                 raise
@@ -267,9 +325,10 @@ class InferenceEngine:
         half, split = len(prompts) // 2, sum(n_images[:len(prompts) // 2])
         print(f"[mm_moslora] out of GPU memory at batch size {len(prompts)}: answering it as {half} + "
               f"{len(prompts) - half}", file=sys.stderr, flush=True)
-        settings = (max_new_tokens, temperature, top_p, stream)
-        return (self._generate_rows(prompts[:half], n_images[:half], pixels[:split], *settings)
-                + self._generate_rows(prompts[half:], n_images[half:], pixels[split:], *settings))
+        return (self._generate_rows(prompts[:half], n_images[:half], pixels[:split], budgets[:half], temperature,
+                                    top_p, options[:half])
+                + self._generate_rows(prompts[half:], n_images[half:], pixels[split:], budgets[half:], temperature,
+                                      top_p, options[half:]))
 
     def _preprocess_async(self, image: Image.Image) -> Future:
         """Image -> future of its (3, S, S) pixels; PIL and torch release the GIL, so threads run in parallel."""
@@ -278,51 +337,46 @@ class InferenceEngine:
                                                   thread_name_prefix="preprocess")
         return self._image_pool.submit(self.image_processor, image)
 
-    def _generate_batch(self, prompts: list[list[int]], pixels: list[Future], max_new_tokens: int,
-                        temperature: float, top_p: float, stream: Callable[[str], None] | None) -> list[str]:
-        """One batch: prompts (token ids), the futures of their images' pixels in row order -> reply texts."""
+    def _generate_batch(self, prompts: list[list[int]], pixels: list[Future], budgets: list[int],
+                        temperature: float, top_p: float, options: list[ReplyOptions]) -> list[str]:
+        """One batch: prompts (token ids), the futures of their images' pixels in row order, reply budgets and
+        options per row -> reply texts."""
         input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         with phase(self.timings, "preprocess wait", self.device):
             pixel_values = torch.stack([f.result() for f in pixels]).to(self.device) if pixels else None
         with phase(self.timings, "embed", self.device):
             inputs_embeds = self.model.embed(input_ids.to(self.device), pixel_values)
-        budgets = [min(max_new_tokens, self.context_length - len(p)) for p in prompts]
-        if self.decode_path(streaming=stream is not None) == "static":
+        budgets = [min(budget, self.context_length - len(p)) for p, budget in zip(prompts, budgets)]
+        replies = [_ReplyText(self.tokenizer, o, self.stop_texts, self.stop_token_ids, bool(self.stop_strings))
+                   for o in options]
+        if self.decode_path() == "static":
+            watching = any(reply.watching for reply in replies)
             rows = self.static_decoder.generate(
                 inputs_embeds, attention_mask, budgets, self.stop_token_ids, self.tokenizer.pad_token_id,
-                temperature, top_p, stop_check=self._ends_turn if self.stop_strings else None, timings=self.timings)
+                temperature, top_p, stop_check=(lambda i, ids: replies[i].update(ids)) if watching else None,
+                timings=self.timings)
         else:
-            rows = self._generate_hf(inputs_embeds, attention_mask, budgets, temperature, top_p, stream)
-        return [self._decode(row) for row in rows]
-
-    def _ends_turn(self, token_ids: list[int]) -> bool:
-        """Whether a reply so far holds a multi-token end-of-turn text (the static decoder's stop_check)."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        return any(marker in text for marker in self.stop_strings)
+            rows = self._generate_hf(inputs_embeds, attention_mask, budgets, temperature, top_p, replies)
+        return [reply.finish(row) for reply, row in zip(replies, rows)]
 
     def _generate_hf(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int],
-                     temperature: float, top_p: float, stream: Callable[[str], None] | None) -> list[list[int]]:
+                     temperature: float, top_p: float, replies: list[_ReplyText]) -> list[list[int]]:
         """Hugging Face generate: inputs_embeds (B, T, H), attention_mask (B, T) -> new token ids per row."""
-        streamer = _CallbackStreamer(self.tokenizer, stream, self.stop_texts) if stream else None
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
             dict(do_sample=False, temperature=1.0, top_p=1.0)
+        ends = _RowEnds(budgets, replies)
         with phase(self.timings, "hf generate/token", self.device) as generating:
             output = self.model.llm.generate(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(self.device),
                 max_new_tokens=max(budgets), num_beams=1, use_cache=True, eos_token_id=self.stop_token_ids,
-                pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([_RowBudget(budgets)]),
-                streamer=streamer, **sampling,
-                **(dict(stop_strings=self.stop_strings, tokenizer=self.tokenizer) if self.stop_strings else {}))
+                pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([ends]), **sampling)
             generating.count = output.shape[1]  # one count per token step, as the static decoder counts
-        return [row[:budget].tolist() for row, budget in zip(output, budgets)]
+        return [row[:length].tolist() for row, length in zip(output, ends.lengths)]
 
     def _decode(self, token_ids: list[int]) -> str:
         """New tokens of one row -> reply text, cut at the first stop token or end-of-turn text."""
-        stop = next((k for k, t in enumerate(token_ids) if t in self.stop_token_ids), len(token_ids))
-        text = self.tokenizer.decode(token_ids[:stop], skip_special_tokens=True)
-        for marker in self.stop_texts:
-            text = text.split(marker, 1)[0]
-        return text.strip()
+        return _ReplyText(self.tokenizer, ReplyOptions(), self.stop_texts, self.stop_token_ids, False).text(
+            token_ids)[0].strip()
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

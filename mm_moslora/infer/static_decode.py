@@ -15,9 +15,10 @@ while the GPU needs ~3-5 ms) and its DynamicCache concatenates every step. `Stat
 - picks tokens on the device (greedy, or temperature + top-p sampling) and tracks each row's budget and
   stop tokens in device tensors, reading "all rows finished" back only every `sync_every` steps.
 
-Multi-token end-of-turn texts are checked at those sync points by the caller's `stop_check` on the
-tokens so far; a row found finished there has generated a few tokens past its end-of-turn text, which
-the caller cuts from the decoded text, so the answer is the same as stopping at once.
+Multi-token end-of-turn texts (and a caller's own stop strings or cancellation) are checked at those sync
+points by the caller's `stop_check` on the tokens so far, which may also stream them; a row found finished
+there has generated a few tokens past its end-of-turn text, which the caller cuts from the decoded text, so
+the answer is the same as stopping at once.
 """
 from __future__ import annotations
 
@@ -215,14 +216,15 @@ class StaticDecoder:
     @torch.inference_mode()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, budgets: Sequence[int],
                  stop_token_ids: Sequence[int], pad_token_id: int, temperature: float = 0.0, top_p: float = 1.0,
-                 stop_check: Callable[[list[int]], bool] | None = None, timings: Timings | None = None,
+                 stop_check: Callable[[int, list[int]], bool] | None = None, timings: Timings | None = None,
                  ) -> list[list[int]]:
         """New token ids of each row, ending with its stop token when it met one.
 
         inputs_embeds: (B, T, H) left-padded prompts; attention_mask: (B, T), 0 at padding; budgets: at
         most budgets[i] new tokens for row i; greedy when temperature is 0, else sampled from the global
-        torch generator (seed it for reproducible draws). stop_check(tokens of one row so far) -> True
-        when the row has ended (multi-token end-of-turn text); it runs at the sync points only.
+        torch generator (seed it for reproducible draws). stop_check(row index, tokens of that row so far) ->
+        True when the row has ended (a multi-token end-of-turn text, a cancelled request); it runs at the sync
+        points only, for the rows not finished yet (a caller may stream their text from there).
         """
         batch_size, width = attention_mask.shape
         max_budget = max(budgets)
@@ -267,10 +269,10 @@ class StaticDecoder:
 
     @staticmethod
     def _all_finished(tokens: torch.Tensor, lengths: torch.Tensor, finished: torch.Tensor,
-                      stop_check: Callable[[list[int]], bool] | None) -> bool:
+                      stop_check: Callable[[int, list[int]], bool] | None) -> bool:
         """The one host sync of `sync_every` steps; with stop_check, also marks rows ended by it."""
         if stop_check is not None:
             rows = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
-            ended = [not done and stop_check(row) for row, done in zip(rows, finished.tolist())]
+            ended = [not done and stop_check(i, row) for i, (row, done) in enumerate(zip(rows, finished.tolist()))]
             finished.logical_or_(torch.tensor(ended, device=finished.device))
         return bool(finished.all())
