@@ -143,13 +143,13 @@ def parse_messages(messages, max_images: int) -> tuple[list[dict], list[str]]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad_request(f"{where} must be an object with 'role' and 'content'", "messages")
-        extra = set(message) - {"role", "content"}
-        if extra:
-            raise bad_request(f"{where}: unsupported field(s) {sorted(extra)} (role and content only)", "messages")
         role = ROLES.get(message.get("role"))
         if role is None:
             raise bad_request(f"{where}: role {message.get('role')!r} is not supported (system, user, assistant)",
                               "messages")
+        extra = set(message) - {"role", "content"}
+        if extra:
+            raise bad_request(f"{where}: unsupported field(s) {sorted(extra)} (role and content only)", "messages")
         text, urls = _content(message.get("content"), where, images_allowed=role == "user")
         image_urls += urls
         if role == "system" and any(m["role"] != "system" for m in result):
