@@ -1,7 +1,7 @@
 """lmms-eval adapter: Instances in, the engine's own answers out; log-likelihoods; lookup by the name `mm_moslora`.
 
-lmms_eval is imported unconditionally: without it these tests fail rather than skip (CI installs it, with
-`--no-deps` plus the two light packages its api modules import).
+lmms_eval is imported unconditionally: without it these tests fail rather than skip (scripts/setup_env.sh installs
+it through the `eval` extra, with its dependencies).
 """
 from __future__ import annotations
 
