@@ -29,8 +29,10 @@ Formats, written into OUT (layouts of docs/architecture.md):
   converted to `CLIPVisionModel`; an `mlp2x_gelu` projector (HF Llava's projector is exactly Linear-GELU-Linear).
   The exported tower stops at the selected block, as ours does (later blocks are never used), so
   `vision_feature_layer` points at that block of the truncated tower (-1 for a negative select_layer).
-  Chat template: ours for vicuna_v1 and plain (string contents with inline "<image>", or HF's list contents); for
-  chat_template, the LM's own template, which expects string contents with inline "<image>".
+  Chat template: ours for vicuna_v1 and plain; for chat_template, the LM's own template behind a prelude that
+  renders list contents to strings. Every exported template takes both message forms: string contents with
+  inline "<image>", and HF's content parts ({"type": "image"}, {"type": "text", "text"}) as transformers'
+  `pipeline("image-text-to-text")`, llava-hf models and OpenAI-style clients send them.
   Preprocessing: `CLIPImageProcessor` cannot pad to a square, so for `image_aspect_ratio="pad"` (our default) it
   squashes non-square images instead; feed square images (or pad them with
   `mm_moslora.data.images.pad_to_square`, fill = the mean colour) to get our model's exact inputs.
@@ -453,6 +455,12 @@ _CONTENT_MACRO = ("{%- macro content(message) -%}{%- if message['content'] is st
                   "{{ '" + IMAGE_PLACEHOLDER + "\\n' }}{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
                   "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
 
+# Put in front of an LM's own chat template: `messages` with every list content rendered to a string by
+# _CONTENT_MACRO, so the template (written for string contents with inline "<image>") sees what our tools pass.
+_STRING_CONTENTS = (_CONTENT_MACRO + "{%- set ns_contents = namespace(messages=[]) -%}{%- for m in messages -%}"
+                    "{%- set ns_contents.messages = ns_contents.messages + [dict(m, content=content(m))] -%}"
+                    "{%- endfor -%}{%- set messages = ns_contents.messages -%}")
+
 # The same text as data.conversation.render's vicuna_v1 and plain templates.
 VICUNA_V1_CHAT_TEMPLATE = (
     _CONTENT_MACRO
@@ -479,7 +487,11 @@ def llava_chat_template(conv_mode: str, tokenizer) -> str:
     if conv_mode == "chat_template":
         if not getattr(tokenizer, "chat_template", None):
             raise ExportError("conv_mode chat_template, but the tokenizer has no chat template")
-        return tokenizer.chat_template  # string contents with inline "<image>", as our tools pass them
+        if not isinstance(tokenizer.chat_template, str):
+            raise ExportError("conv_mode chat_template: the tokenizer has several named chat templates; "
+                              "hf-llava exports need one")
+        # The LM's template prints a content list as text: turn list contents into strings first.
+        return _STRING_CONTENTS + tokenizer.chat_template
     raise ExportError(f"unknown conv_mode {conv_mode!r} in mm_config.json")
 
 

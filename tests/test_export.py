@@ -261,6 +261,30 @@ def test_llava_greedy_answers_match_our_engine(llava, reference, demo_questions)
     assert any(answers)
 
 
+def content_parts(messages: list[dict]) -> list[dict]:
+    """Our string messages ("<image>\\n" in front) as HF content parts ({"type": "image"}, {"type": "text"})."""
+    parts = []
+    for m in messages:
+        text = m["content"]
+        content = [{"type": "image"}] if text.startswith("<image>\n") else []
+        parts.append({"role": m["role"], "content": content + [{"type": "text", "text": text.removeprefix("<image>\n")}]})
+    return parts
+
+
+def test_llava_export_answers_through_the_stock_pipeline(llava, reference, demo_questions):
+    """transformers' pipeline("image-text-to-text") with content-part messages, as llava-hf users call it."""
+    from transformers import pipeline
+
+    model, processor = llava
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    messages = [[{"role": "user", "content": [{"type": "image", "image": images[0]},
+                                              {"type": "text", "text": msgs[0]["content"].removeprefix("<image>\n")}]}]
+                for msgs, images in demo_questions]
+    outputs = pipe(text=messages, max_new_tokens=MAX_NEW, do_sample=False, return_full_text=False)
+    answers = [out[0]["generated_text"].strip() for out in outputs]
+    assert answers == reference.generate(demo_questions, max_new_tokens=MAX_NEW) and any(answers)
+
+
 def test_llava_export_of_a_cls_patch_plain_stage1_checkpoint(root):
     """select_feature cls_patch -> strategy "full" (+1 token), a positive select_layer, the `plain` template."""
     model, tokenizer = build_model("tiny", mm_vision_select_layer=2, mm_vision_select_feature="cls_patch")
@@ -298,6 +322,10 @@ def test_llava_export_keeps_the_lm_chat_template(root):
     ids = processor(images=[image], text=prompt, add_special_tokens=False)["input_ids"][0]
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert [IMAGE_TOKEN_ID if t == image_id else t for t in ids] == engine.prompt_ids(messages, 1)
+    # The LM's own template printed content lists as text; the export renders them as our string form.
+    turns = messages + [{"role": "assistant", "content": "A red square."}, {"role": "user", "content": "Sure?"}]
+    assert processor.apply_chat_template(content_parts(turns), add_generation_prompt=True) == \
+        render(turns, engine.tokenizer, "chat_template", add_generation_prompt=True).text
 
 
 @pytest.mark.parametrize("aspect_ratio", ["square", "resize", "pad"])
