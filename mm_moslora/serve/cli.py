@@ -18,7 +18,7 @@ import torch
 
 from ..adapters.io import read_adapter_config
 from ..infer import DECODE_MODES, InferenceEngine, QuantizationUnavailable, check_quantization
-from ..model.build import read_mm_config
+from ..checkpoint import CheckpointConfig
 
 try:  # the `serve` extra
     import uvicorn
@@ -36,14 +36,18 @@ log = logging.getLogger("mm_moslora.serve")
 
 def describe_checkpoint(path: Path) -> dict:
     """What /v1/models and the page show about a checkpoint: adapter kind and rank, base models, template."""
-    config = read_mm_config(path)
-    info = {"checkpoint": str(path), "base_model": config.get("model_name_or_path"),
-            "vision_tower": config.get("vision_tower"), "conv_mode": config.get("conv_mode")}
+    config = CheckpointConfig.read(path)
+    info = {"checkpoint": str(path), "base_model": config.model_name_or_path, "vision_tower": config.vision_tower,
+            "conv_mode": config.conv_mode}
     try:
         adapter = read_adapter_config(str(path))
         info.update(adapter=adapter.adapter, lora_r=adapter.r, lora_alpha=adapter.alpha)
-    except FileNotFoundError:
-        info["adapter"] = "merged" if config.get("merged") else "none"
+    except FileNotFoundError:  # a stage-1 output, or a merged export (which records what it folded in)
+        merged = config.merged_adapter or {}
+        info.update(adapter=merged.get("adapter", "none"), merged=config.merged,
+                    **({"lora_r": merged["r"]} if "r" in merged else {}))
+    if config.vision_adapter:
+        info["vision_adapter"] = config.vision_adapter.get("adapter")
     return info
 
 
