@@ -41,8 +41,9 @@ Every export reads only the checkpoint's inference files (mm_config.json, tokeni
 files). Training writes those already gathered, so checkpoints trained under ZeRO-3 (or in bf16) convert like any
 other, and the DeepSpeed state under checkpoints/ is never read (`--checkpoint OUT/checkpoints/step-K` works too).
 
-OUT is written into a fresh folder beside it and renamed into place at the end: an interrupted export leaves no
-OUT and no partial folder. An existing OUT is replaced only with `overwrite=True` (--overwrite).
+OUT is written into a fresh folder beside it and renamed into place at the end, and an existing OUT is replaced
+only with `overwrite=True` (--overwrite) and only when it is an earlier export (its marker file): see
+mm_moslora/export_folder.py, which also puts things back after an export killed midway.
 
 Memory: the checkpoint is loaded in fp32 (exact merging, one rounding to the output dtype), so a 7B LM needs ~28 GB
 of CPU memory.
@@ -52,11 +53,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
@@ -72,8 +70,11 @@ from .adapters.vision import (VISION_ADAPTER_DIR, hf_clip_module_name, save_visi
                               unload_vision_adapters)
 from .adapters.moslora import AdapterConfig
 from .data.conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM, stop_markers
+from . import __version__
 from .checkpoint import (LLM_DIR, PROJECTOR_FILE, TOKENIZER_DIR, VISION_FILE, CheckpointConfig, load_checkpoint,
                          save_tensors)
+from .errors import InputError
+from .export_folder import OutputPathError, check_output_dir, recover_interrupted_export, staging_dir  # noqa: F401
 from .model.build import TINY, parse_dtype
 from .model.mm_model import MultimodalLM
 from .model.quantize import dequantize_linears
@@ -90,12 +91,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 _STEP_COUNTS = {"merged": 3, "peft": 2, "hf-llava": 4, "peft-llava": 4}  # progress steps of each writer, after loading
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The checkpoint cannot be expressed in the requested format; the message says what does not map."""
-
-
-class OutputPathError(ValueError):
-    """OUT exists (and overwrite was not asked for), or OUT would replace the checkpoint being read."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,6 +111,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, export
     if export not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {export!r}; choose one of {EXPORT_FORMATS}")
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    recover_interrupted_export(output_dir)
     check_output_dir(checkpoint_dir, output_dir, overwrite)
     config = CheckpointConfig.read(checkpoint_dir)
     out_dtype = parse_dtype(dtype) if dtype is not None else stored_llm_dtype(checkpoint_dir, config)
@@ -151,21 +149,12 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, export
             except ExportError as err:
                 raise ExportError(_peft_llava_message(str(err))) from None
             del bare_tower
-        with staging_dir(output_dir, overwrite) as staging:
+        marker = {"format": export, "checkpoint": str(checkpoint_dir.resolve()), "mm_moslora": __version__}
+        with staging_dir(output_dir, overwrite, marker) as staging:
             for step in steps(model, tokenizer, config, checkpoint_dir, staging, out_dtype):
                 bar.set_postfix_str(step)
                 bar.update()
     return output_dir
-
-
-def check_output_dir(checkpoint_dir: Path, output_dir: Path, overwrite: bool) -> None:
-    """Raise OutputPathError when OUT exists (unless overwrite) or when OUT and the checkpoint overlap."""
-    source, target = checkpoint_dir.resolve(), output_dir.resolve()
-    if target == source or source in target.parents or target in source.parents:
-        raise OutputPathError(f"--output {output_dir} overlaps --checkpoint {checkpoint_dir}; write the export "
-                              f"to a separate folder")
-    if os.path.lexists(output_dir) and not overwrite:
-        raise OutputPathError(f"--output {output_dir} already exists; pass --overwrite to replace it")
 
 
 def stored_llm_dtype(checkpoint_dir: Path, config: CheckpointConfig) -> torch.dtype:
@@ -183,37 +172,6 @@ def stored_llm_dtype(checkpoint_dir: Path, config: CheckpointConfig) -> torch.dt
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if value in DTYPE_NAMES else torch.float32
-
-
-@contextmanager
-def staging_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh folder beside `output_dir` to write into, renamed to `output_dir` when the block completes and
-    deleted when it raises (KeyboardInterrupt included), so `output_dir` is never half-written."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = output_dir.parent / f".{output_dir.name}.tmp-{tag}"
-    staging.mkdir()
-    try:
-        yield staging
-        if os.path.lexists(output_dir):
-            if not overwrite:
-                raise OutputPathError(f"--output {output_dir} appeared while exporting; pass --overwrite to replace it")
-            backup = output_dir.parent / f".{output_dir.name}.old-{tag}"
-            os.replace(output_dir, backup)
-            try:
-                os.replace(staging, output_dir)
-            except BaseException:
-                os.replace(backup, output_dir)
-                raise
-            if backup.is_dir() and not backup.is_symlink():
-                shutil.rmtree(backup)
-            else:
-                backup.unlink()
-        else:
-            os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
     python scripts/merge.py --checkpoint CKPT --output OUT --export peft
     python scripts/merge.py --checkpoint CKPT --output OUT --export hf-llava --dtype bf16 --overwrite
 
-Exit status: 0 done, 1 the checkpoint cannot be read or converted, 2 bad arguments (OUT exists without
---overwrite, OUT overlaps the checkpoint). Formats and their layouts: mm_moslora/export.py.
+Exit status: 0 done, 2 bad input in one `error:` line (OUT exists without --overwrite, OUT is not an earlier
+export, OUT overlaps the checkpoint, the checkpoint cannot be read or converted; docs/bad_input.md). Formats
+and their layouts: mm_moslora/export.py; OUT's handling: mm_moslora/export_folder.py.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from mm_moslora.checkpoint import CheckpointError  # noqa: E402
-from mm_moslora.export import EXPORT_FORMATS, ExportError, OutputPathError, export_checkpoint  # noqa: E402
+from mm_moslora.errors import report_input_errors  # noqa: E402
+from mm_moslora.export import EXPORT_FORMATS, export_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,18 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", choices=EXPORT_FORMATS, default="merged", help="format (default: merged)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                         help="dtype of the written weights (default: the base LM's stored dtype)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output, if it is an earlier export (never another folder)")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         out = export_checkpoint(args.checkpoint, args.output, args.export, args.dtype, args.overwrite)
-    except OutputPathError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ExportError, CheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote the {args.export} export of {args.checkpoint} to {out}")
-    return 0
+        print(f"wrote the {args.export} export of {args.checkpoint} to {out}")
+        return 0
+    return report_input_errors(run)
 
 
 if __name__ == "__main__":

@@ -386,3 +386,105 @@ def test_a_decompression_bomb_in_chat_is_one_error_and_the_session_goes_on(tmp_p
     out, err = capsys.readouterr()
     assert session.image_spec == str(good) and f"image: {good}" in out
     assert "bomb30000.png" in one_error_line(err)
+
+
+# ---------------------------------------------------------------- broken checkpoints: one line from every command
+def break_checkpoint(checkpoint: Path, how: str) -> str:
+    """Damage `checkpoint` as `how` says; returns what the error must say."""
+    from mm_moslora.checkpoint import MM_CONFIG, PROJECTOR_FILE
+
+    adapter = checkpoint / "moslora_adapter.safetensors"
+    if how == "zero-byte adapter":
+        adapter.write_bytes(b"")
+        return f"{adapter}: adapter weights: empty file"
+    if how == "truncated adapter":
+        adapter.write_bytes(adapter.read_bytes()[:200])
+        return f"{adapter}: adapter weights: not a readable safetensors file"
+    if how == "adapter config not an object":
+        (checkpoint / "moslora_config.json").write_text("[1, 2]")
+        return "moslora_config.json: must hold a JSON object, found list"
+    if how == "truncated projector":
+        (checkpoint / PROJECTOR_FILE).write_bytes((checkpoint / PROJECTOR_FILE).read_bytes()[:100])
+        return "projector: not a readable safetensors file"
+    if how == "mm_config not an object":
+        (checkpoint / MM_CONFIG).write_text('"tiny"')
+        return "must hold a JSON object, found str"
+    if how == "mm_config without conv_mode":
+        values = json.loads((checkpoint / MM_CONFIG).read_text())
+        del values["conv_mode"]
+        (checkpoint / MM_CONFIG).write_text(json.dumps(values))
+        return "missing key(s) conv_mode"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["zero-byte adapter", "truncated adapter", "adapter config not an object",
+                                 "truncated projector", "mm_config not an object", "mm_config without conv_mode"])
+def test_a_broken_checkpoint_is_one_line_in_chat_run_vqa_and_merge(how, tmp_path, capsys):
+    from eval import run_vqa
+    from mm_moslora import chat
+    from scripts.merge import main as merge_main
+    from tests.helpers import make_images, make_tiny_checkpoint, single_thread
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "ckpt")
+    named = break_checkpoint(checkpoint, how)
+    image = make_images(tmp_path / "images", 1)[0]
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": 1, "image": image.name, "text": "What?"}) + "\n")
+    commands = {
+        "chat": lambda: chat.main(["--model", str(checkpoint), "--image", str(image), "--prompt", "hi",
+                                   "--device", "cpu"]),
+        "run_vqa": lambda: run_vqa.main(["--model", str(checkpoint), "--question-file", str(tmp_path / "q.jsonl"),
+                                         "--image-folder", str(image.parent), "--answers-file",
+                                         str(tmp_path / "a.jsonl"), "--device", "cpu"]),
+        "merge": lambda: merge_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "merged")]),
+    }
+    for name, command in commands.items():
+        capsys.readouterr()
+        with single_thread():
+            code = command()
+        err = capsys.readouterr().err
+        assert code == 2 and named in one_error_line(err), (name, err)
+    assert not (tmp_path / "merged").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------- exports: files lost or left
+def test_merge_killed_midway_leaves_nothing_after_the_next_run(tmp_path):
+    import signal
+    import time
+
+    from mm_moslora.export import export_checkpoint
+    from mm_moslora.export_folder import EXPORT_MARKER
+    from tests.helpers import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "exports" / "merged"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "merge.py"), "--checkpoint", str(checkpoint),
+                             "--output", str(out)], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.parent.glob(".merged.tmp-*")):  # killed while it writes its staging folder
+        assert proc.poll() is None and time.time() < deadline, "merge ended before it was killed"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and list(out.parent.glob(".merged.tmp-*"))  # what a kill leaves: a hidden partial
+    export_checkpoint(checkpoint, out, progress=False)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged"] and (out / EXPORT_MARKER).is_file()
+
+
+def test_an_old_export_moved_aside_by_a_killed_overwrite_is_restored(tmp_path):
+    from mm_moslora.export_folder import EXPORT_MARKER, recover_interrupted_export
+
+    out = tmp_path / "merged"
+    dead_pid = 2 ** 22 + 12345  # above Linux's pid_max default: no such process
+    backup = tmp_path / f".merged.old-{dead_pid}-abcd1234"
+    backup.mkdir()
+    (backup / EXPORT_MARKER).write_text("{}")
+    (backup / "weights").write_text("the previous export")
+    staging = tmp_path / f".merged.tmp-{dead_pid}-abcd1234"
+    staging.mkdir()
+    (staging / "weights").write_text("half of the new one")
+    running = tmp_path / f".merged.tmp-{os.getpid()}-0000aaaa"  # an export in progress (this process): kept
+    running.mkdir()
+    recover_interrupted_export(out)
+    assert (out / "weights").read_text() == "the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", running.name])

@@ -34,6 +34,7 @@ from mm_moslora.export import (
     export_checkpoint,
 )
 from mm_moslora.checkpoint import config_for_model, load_checkpoint, save_inference_files
+from mm_moslora.export_folder import EXPORT_MARKER
 from mm_moslora.infer import InferenceEngine
 from mm_moslora.model.build import (
     build_llm,
@@ -401,16 +402,17 @@ def test_interrupted_export_leaves_nothing(tmp_path, checkpoint, monkeypatch, in
     with pytest.raises(type(interrupt)):
         export_checkpoint(checkpoint, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
-    # With --overwrite, an interrupted export keeps the previous OUT as it was.
+    # With --overwrite, an interrupted export keeps the previous OUT (an earlier export) as it was.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "previous.txt").write_text("keep")
+    (tmp_path / "out" / EXPORT_MARKER).write_text("{}")
     with pytest.raises(type(interrupt)):
         export_checkpoint(checkpoint, tmp_path / "out", overwrite=True, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [EXPORT_MARKER, "previous.txt"]
 
 
-def test_cli_refuses_existing_output_and_overwrites_on_request(tmp_path, checkpoint, capsys):
+def test_cli_refuses_existing_output_and_overwrites_only_an_earlier_export(tmp_path, checkpoint, capsys):
     main = load_cli()
     out = tmp_path / "out"
     out.mkdir()
@@ -423,11 +425,20 @@ def test_cli_refuses_existing_output_and_overwrites_on_request(tmp_path, checkpo
     assert (out / "previous.txt").exists()
     assert main(["--checkpoint", str(checkpoint), "--output", str(checkpoint / "inside")]) == 2
     assert "overlaps" in capsys.readouterr().err
-    assert main(["--checkpoint", str(checkpoint), "--output", str(out), "--overwrite", "--export", "peft"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["llm_adapter", "mm_config.json", "mm_projector.safetensors",
-                                                     "moslora_adapter.safetensors", "moslora_config.json", "tokenizer"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert main(["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 1
+    # A folder of the user's own files is never replaced, --overwrite or not.
+    assert main(["--checkpoint", str(checkpoint), "--output", str(out), "--overwrite", "--export", "peft"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "not an mm_moslora export" in error
+    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+    # An earlier export is.
+    export = tmp_path / "export"
+    assert main(["--checkpoint", str(checkpoint), "--output", str(export), "--export", "peft"]) == 0
+    assert main(["--checkpoint", str(checkpoint), "--output", str(export), "--overwrite", "--export", "peft"]) == 0
+    assert sorted(p.name for p in export.iterdir()) == [EXPORT_MARKER, "llm_adapter", "mm_config.json",
+                                                        "mm_projector.safetensors", "moslora_adapter.safetensors",
+                                                        "moslora_config.json", "tokenizer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out"]
+    assert main(["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
 
 
 def test_script_exit_status_2_when_output_exists(tmp_path, checkpoint):

@@ -14,11 +14,13 @@ import os
 import re
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mm_moslora.adapters.inject import adapter_modules, inject_adapters, unload_adapters
 from mm_moslora.adapters.moslora import AdapterConfig, fold_mixer
+from mm_moslora.errors import InputError
 
 ADAPTER_WEIGHTS_NAME = "moslora_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "moslora_config.json"
@@ -65,17 +67,41 @@ def save_adapter(directory: str, config: AdapterConfig, state_dict: dict[str, to
     _write_atomically(os.path.join(directory, ADAPTER_CONFIG_NAME), write_config)
 
 
+class AdapterFileError(InputError, RuntimeError):
+    """Adapter files that cannot be read or do not fit the model; the message names the file or module."""
+
+
 def read_adapter_config(directory: str) -> AdapterConfig:
     """The AdapterConfig saved in `directory` by save_adapter."""
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory}: not a MoSLoRA adapter folder")
-    with open(path) as f:
-        values = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise AdapterFileError(f"{path}: must hold a JSON object, found {type(values).__name__}")
     version = values.pop("format_version", None)
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version!r}; this version of mm_moslora reads {FORMAT_VERSION}")
-    return AdapterConfig.from_dict(values)
+        raise AdapterFileError(f"{path} has format_version {version!r}; this version of mm_moslora reads "
+                               f"{FORMAT_VERSION}")
+    try:
+        return AdapterConfig.from_dict(values)
+    except (ValueError, TypeError) as err:
+        raise AdapterFileError(f"{path}: {err}") from None
+
+
+def read_adapter_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter weights file; AdapterFileError for a missing, empty, truncated or garbled one."""
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"{path}: adapter weights file not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = "empty file" if os.path.getsize(path) == 0 else f"not a readable safetensors file ({err})"
+        raise AdapterFileError(f"{path}: adapter weights: {reason}") from None
 
 
 def _loading_problems(modules: dict, config: AdapterConfig, tensors: dict[str, torch.Tensor],
@@ -121,7 +147,7 @@ def load_adapter(model: nn.Module, directory: str, strict: bool = True,
     then restored to plain linears.
     """
     config = read_adapter_config(directory)
-    tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
+    tensors = read_adapter_tensors(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
     modules = adapter_modules(model)
     injected_here = not modules
     if injected_here:
@@ -133,7 +159,7 @@ def load_adapter(model: nn.Module, directory: str, strict: bool = True,
             unload_adapters(model, merge=False)
         shown = "\n  ".join(sorted(problems)[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise RuntimeError(f"cannot load the adapter in {directory} into {type(model).__name__}:\n  {shown}{more}")
+        raise AdapterFileError(f"cannot load the adapter in {directory} into {type(model).__name__}:\n  {shown}{more}")
     with torch.no_grad():
         for name, module in modules.items():
             for param_name in LORA_PARAM_NAMES:
