@@ -87,9 +87,19 @@ def run(cmd: list[str], env: dict, what: str, capture: bool = False, log: Path |
     if result.returncode != 0:
         detail = f"\n{result.stderr.strip()}" if capture and result.stderr else ""
         if log is not None and not capture:
-            detail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]) + f"\n(log: {log})"
+            detail = failure_detail(log)
         raise PipelineError(f"{what} failed (exit status {result.returncode}): {' '.join(cmd)}{detail}")
     return result
+
+
+def failure_detail(log: Path) -> str:
+    """What a failed command said: its one `error:` line when it has one (the bad-input contract of every command,
+    docs/bad_input.md), else the end of its log."""
+    lines = log.read_text(errors="replace").splitlines()
+    errors = [piece for line in lines for piece in line.split("\r") if piece.startswith("error:")]  # after a bar
+    if errors:
+        return f" {errors[-1][len('error:'):].strip()} (log: {log})"
+    return "\n" + "\n".join(lines[-15:]) + f"\n(log: {log})"
 
 
 def _quote(arg: str) -> str:
@@ -213,8 +223,8 @@ def answer_benchmarks(jobs: list[tuple[str, list[str], Path]], env: dict, worker
                 handle.close()
                 running.remove(item)
                 if proc.returncode != 0:
-                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                    raise PipelineError(f"run_vqa on {name} failed (exit status {proc.returncode}); log {log}:\n{tail}")
+                    raise PipelineError(f"run_vqa on {name} failed (exit status {proc.returncode}):"
+                                        f"{failure_detail(log)}")
                 seconds[name] = round(time.time() - start, 1)
                 echo(f"{name}: answered in {seconds[name]:.1f} s")
     finally:

@@ -488,3 +488,20 @@ def test_an_old_export_moved_aside_by_a_killed_overwrite_is_restored(tmp_path):
     recover_interrupted_export(out)
     assert (out / "weights").read_text() == "the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", running.name])
+
+
+def test_the_demo_reports_a_failed_step_in_one_line(vqa_set, tmp_path):
+    """A decompression bomb among the images: run_vqa's one-line error is what the demo (pipeline) reports."""
+    from mm_moslora.pipeline import PipelineError, answer_benchmarks
+
+    folder = tmp_path / "images"
+    shutil.copytree(vqa_set["images"], folder)
+    bomb_png(folder / "img1.png", 12_000, 12_000)
+    cmd = [sys.executable, "eval/run_vqa.py", "--model", str(vqa_set["checkpoint"]), "--question-file",
+           str(vqa_set["questions"]), "--image-folder", str(folder), "--answers-file", str(tmp_path / "a.jsonl"),
+           "--device", "cpu", "--max-new-tokens", "2"]
+    with pytest.raises(PipelineError) as info:
+        answer_benchmarks([("vqav2", cmd, tmp_path / "vqav2.log")], subprocess_env(), workers=1, echo=lambda _: None)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert "question q1: cannot decode image" in message and "12000x12000 pixels" in message
