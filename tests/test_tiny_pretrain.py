@@ -81,11 +81,7 @@ def test_short_pretraining_writes_loadable_folders(tmp_path):
 
 @pytest.mark.parametrize("bad", ["max_steps", "model_name_or_path"])
 def test_demo_reuses_a_stage_only_with_its_flags(tmp_path, bad):
-    import importlib.util
-    from tests.helpers import REPO_ROOT
-    spec = importlib.util.spec_from_file_location("demo", REPO_ROOT / "scripts" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    from mm_moslora import pipeline as demo  # the demo's (and the adapter study's) stage runner
     flags = {"max_steps": 3, "learning_rate": 1e-3}
     (tmp_path / "train_summary.json").write_text(json.dumps({"steps": 3}))
     assert not demo.stage_complete(tmp_path, flags)  # no record of its flags: run again
