@@ -215,18 +215,21 @@ def fresh_trainable_shapes(lora_r: int) -> tuple[dict, dict]:
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: CPU ranks)")
 @pytest.mark.parametrize("config, packing", [("zero3", True), ("zero2", False)])
 def test_two_ranks_save_the_full_gathered_weights(config, packing, small_demo_data, tmp_path):
-    """ZeRO-3 runs with --packing (one packed row of 384 tokens per rank and step), ZeRO-2 with padded batches."""
+    """ZeRO-3 runs with --packing (one packed row of 384 tokens per rank and step), ZeRO-2 with padded batches and
+    a 4-bit base LM (QLoRA on two ranks; the CPU has bitsandbytes kernels)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from mm_moslora.data.conversation import tokenize_conversation
     from mm_moslora.data.images import ImageProcessor, load_image
     from mm_moslora.checkpoint import load_checkpoint
+    from mm_moslora.model.quantize import count_quantized
 
     out = tmp_path / "out"
     proc = run([DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", free_port(), SCRIPTS / "finetune.py",
                 "--deepspeed", CONFIGS / f"{config}.json", *data_flags(small_demo_data), *FAST, *VISION_ADAPTER,
                 *(["--packing", "True", "--per_device_train_batch_size", "1", "--model_max_length", "384"]
                   if packing else []),
+                *(["--bits", "4"] if config == "zero2" else []),
                 "--max_steps", "2", "--save_steps", "0", "--output_dir", out], cwd=tmp_path)
     assert f"{SUMMARY} 2 steps" in proc.stdout
     summary = json.loads((out / "train_summary.json").read_text())
@@ -255,6 +258,7 @@ def test_two_ranks_save_the_full_gathered_weights(config, packing, small_demo_da
 
     # Loads into one process and runs.
     model, tokenizer, config = load_checkpoint(out)
+    assert (config.bits == 4) == (count_quantized(model.llm) == 28) == (not packing)  # the QLoRA base rebuilt
     loaded = dict(model.llm.named_parameters())
     assert all(torch.equal(loaded[k], v) for k, v in adapter.items())
     record = image_records(small_demo_data, 1)[0]
