@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm_moslora.adapters.inject import adapter_modules, inject_adapters, unload_adapters
+from mm_moslora.adapters.inject import inject_adapters, unload_adapters
 from mm_moslora.adapters.moslora import AdapterConfig
 
-# Every linear map of an open_clip ViT block, after SplitQKVAttention: attention q/k/v/out and the MLP.
-DEFAULT_VISION_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
+# Every linear map of an open_clip ViT block, after SplitQKVAttention: attention q/k/v/out and the MLP (only inside
+# the blocks: an attention-pooling head, say, has an out_proj too).
 _DEFAULT_VISION_PATTERN = (r"transformer\.resblocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(c_fc|c_proj))")
 
 
@@ -211,10 +211,6 @@ def unload_vision_adapters(visual: nn.Module, merge: bool = True) -> list[str]:
     names = unload_adapters(visual, merge=merge)
     join_attention(visual)
     return names
-
-
-def has_vision_adapters(visual: nn.Module) -> bool:
-    return bool(adapter_modules(visual))
 
 
 # open_clip block names -> Hugging Face CLIPEncoderLayer names (the hf-llava export's CLIPVisionModel).
