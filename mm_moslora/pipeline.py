@@ -159,7 +159,7 @@ def stage_record(flags: dict) -> dict:
 
 def stage_complete(out_dir: Path, flags: dict) -> bool:
     summary, recorded = out_dir / "train_summary.json", out_dir / STAGE_RECORD_FILE
-    return (summary.is_file() and json.loads(summary.read_text()).get("steps") == flags["max_steps"]
+    return ((out_dir / "mm_projector.safetensors").is_file() and summary.is_file() and json.loads(summary.read_text()).get("steps") == flags["max_steps"]
             and recorded.is_file() and json.loads(recorded.read_text()) == stage_record(flags))
 
 

@@ -135,9 +135,17 @@ def markdown(data: dict, plots: list[str]) -> str:
             cell = f"{summ['mean']:.1f} ± {_fmt(summ['std'])}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
             if name != reference and m in data["paired"].get(name, {}):
                 d = data["paired"][name][m]
-                cell += f"<br>Δ {_fmt(d['mean_diff'])}, p {_p(d['p_value'])}"
+                dci = f" [{d['ci95'][0]:.1f}, {d['ci95'][1]:.1f}]" if d["ci95"] else ""
+                cell += f"<br>Δ {_fmt(d['mean_diff'])}{dci}, p {_p(d['p_value'])}"
             cells.append(cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    resolved = [(name, m, d) for name, metrics in data["paired"].items() for m, d in metrics.items()
+                if d["ci95"] and (d["ci95"][0] > 0 or d["ci95"][1] < 0)]
+    lines += ["", f"## Differences from `{reference}` that the runs resolve", "",
+              "Paired 95 % interval of the per-seed difference excluding 0 (each metric tested on its own, no "
+              "correction for the many comparisons):", ""]
+    lines += [f"- `{name}` {m}: Δ {d['mean_diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] over {d['n']} seeds"
+              for name, m, d in resolved] or ["- none: no difference is detectable with these seeds"]
     if data["sweep"]:
         lrs = sorted({lr for sw in data["sweep"].values() for lr in sw["learning_rates"]}, key=float)
         lines += ["", "## Learning-rate sweep", "",

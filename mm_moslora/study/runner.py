@@ -37,6 +37,10 @@ STUDY_PRESETS: dict[str, dict] = {
     },
 }
 VALIDATION_DATA_SEED_OFFSET = 1000  # the sweep's validation scenes come from data seed + this
+# Many runs share one GPU: zero2.json's fixed 5e8-element buckets cost each process ~7 GiB (two fp32 buffers with
+# overlap_comm), so 16 runs at once ran out of an 80 GiB card. One process has nothing to reduce: small buckets.
+STUDY_DEEPSPEED_FILE = "deepspeed_zero2_small_buckets.json"
+SMALL_BUCKETS = {"reduce_bucket_size": "auto", "allgather_bucket_size": 20_000_000}
 
 
 @dataclass
@@ -129,6 +133,16 @@ class Study:
         if self.launcher == "auto":
             self.launcher = "deepspeed" if pipeline.deepspeed_launcher() else "python"
         self._rank_cache: dict[int, int] = {}
+        self.deepspeed_config = self.out / STUDY_DEEPSPEED_FILE
+
+    def write_deepspeed_config(self) -> None:
+        """zero2.json with small ZeRO buckets (SMALL_BUCKETS), for every stage unless --set STAGE.deepspeed=..."""
+        config = json.loads((pipeline.REPO_ROOT / "deepspeed_configs" / "zero2.json").read_text())
+        config["zero_optimization"].update(SMALL_BUCKETS)
+        text = json.dumps(config, indent=1) + "\n"
+        if not self.deepspeed_config.is_file() or self.deepspeed_config.read_text() != text:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.deepspeed_config.write_text(text)
 
     # ------------------------------------------------------------ data
     def prepare_data(self) -> DataSpec:
@@ -163,11 +177,13 @@ class Study:
         return self._rank_cache[r]
 
     def stage1_flags(self, seed: int) -> dict:
-        return {**self.config.stage_settings("pretrain"), **self.config.backbones, "seed": seed}
+        return {"deepspeed": self.deepspeed_config, **self.config.stage_settings("pretrain"), **self.config.backbones,
+                "seed": seed}
 
     def finetune_flags(self, variant: Variant, seed: int, lr: float) -> dict:
         preset = self.config.stage_settings("finetune")
-        return {**preset, **self.config.backbones, **variant.finetune_flags(preset, self.param_matched_rank),
+        return {"deepspeed": self.deepspeed_config, **preset, **self.config.backbones,
+                **variant.finetune_flags(preset, self.param_matched_rank),
                 "learning_rate": lr, "seed": seed, "report_to": "tensorboard",
                 "pretrain_mm_mlp_adapter": self.stage1_dir(seed)}
 
@@ -254,6 +270,8 @@ class Study:
         """Everything not done yet; returns {"stage1": [...], "sweep": [...], "runs": [...]} of RunResults."""
         cfg = self.config
         self.prepare_data()
+        if self.execute:
+            self.write_deepspeed_config()
         for variant in cfg.variants:  # a bad params= or target fails now, not after stage 1
             variant.finetune_flags(cfg.stage_settings("finetune"), self.param_matched_rank)
         sweep_seeds = [cfg.sweep_seed] if cfg.lr_sweep else []

@@ -2,7 +2,7 @@
 and a paired t-test of per-seed differences against a reference variant.
 
 Seeds are few (5 or so), so intervals use Student's t with n - 1 degrees of freedom, not the normal
-approximation. Undefined values (one seed; zero variance with zero difference) are None (null in JSON).
+approximation. Undefined values (one seed; zero spread of the differences) are None (null in JSON).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def summary(values: list[float]) -> dict:
 
 def paired_test(reference: list[float], other: list[float]) -> dict:
     """Paired t-test of other - reference over matched seeds: {"n", "mean_diff", "ci95", "t", "p_value"}
-    (two-sided). With zero spread the test is degenerate: p is 1 when the mean difference is 0, else 0."""
+    (two-sided). With zero spread the test is undefined: p is 1 when every difference is 0, else None (a constant
+    difference over a few seeds, common with exact-match counts, is not evidence of p = 0)."""
     if len(reference) != len(other):
         raise ValueError(f"paired samples differ in length: {len(reference)} vs {len(other)}")
     diffs = [b - a for a, b in zip(reference, other)]
@@ -37,7 +38,9 @@ def paired_test(reference: list[float], other: list[float]) -> dict:
         return out
     std = result["std"]
     if std == 0:
-        out["p_value"] = 1.0 if result["mean"] == 0 else 0.0
+        out["p_value"] = 1.0 if result["mean"] == 0 else None
+        if result["mean"] != 0:
+            out["ci95"] = None  # [d, d] would claim a certainty that a handful of seeds cannot give
         return out
     t = result["mean"] / (std / math.sqrt(n))
     out["t"] = t
