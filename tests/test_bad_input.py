@@ -43,6 +43,9 @@ def train(small_demo_data, tmp_path, capsys):
     yield go
     os.environ.clear()
     os.environ.update(saved_env)
+    from mm_moslora.data.images import allow_images_outside_folder
+
+    allow_images_outside_folder(False)  # a run sets this process-wide rule from its flag: back to the default
 
 
 def one_error_line(err: str) -> str:
@@ -505,3 +508,13 @@ def test_the_demo_reports_a_failed_step_in_one_line(vqa_set, tmp_path):
     message = str(info.value)
     assert "\n" not in message and "Traceback" not in message
     assert "question q1: cannot decode image" in message and "12000x12000 pixels" in message
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "cannot read it"), (b"\x20\x00\x00\x00\x00\x00\x00\x00{",
+                                                                      "cannot read it")])
+def test_a_zero_byte_or_truncated_stage1_projector_is_one_line(train, tmp_path, content, reason):
+    projector = tmp_path / "mm_projector.safetensors"
+    projector.write_bytes(content)
+    code, err = train("--max_steps", "1", "--pretrain_mm_mlp_adapter", projector)
+    assert code == 2 and str(projector) in one_error_line(err) and reason in err
+    assert not (tmp_path / "out" / "train_summary.json").exists()
