@@ -39,13 +39,3 @@ def small_demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small_demo_data")
     generate(out, seed=0, n_train=200, n_pretrain=200, n_eval=40, progress=False)
     return out
-
-
-@pytest.fixture(autouse=True)
-def images_stay_in_their_folder():
-    """An in-process training run with --allow_images_outside_folder sets the process-wide image policy; put the
-    default back after every test, so no later test depends on the order the tests ran in."""
-    yield
-    from mm_moslora.data.images import allow_images_outside_folder
-
-    allow_images_outside_folder(False)
