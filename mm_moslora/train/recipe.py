@@ -36,7 +36,8 @@ from ..errors import InputError, report_input_errors
 from ..model.build import build_model, weights_fingerprint
 from ..model.projector import load_pretrained_projector
 from ..model.quantize import DTYPE_NAMES, check_quantized_training, quantize_linears
-from .args import DEFAULT_DEMO_DIR, build_parser
+from .args import build_parser
+from .builtin_defaults import apply_builtin_defaults
 from .checkpoint import (check_step_folder, latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
                          save_training_checkpoint)
 from .ds_config import load_deepspeed_config
@@ -64,20 +65,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def default_data(args: argparse.Namespace, rank: int) -> None:
-    """No --data_path or --data_mixture: generate (once) and use the built-in synthetic visual-QA data."""
-    if args.data_path is not None or args.data_mixture is not None:
-        return
-    from ..demo_data import generate
-
-    if rank == 0:
-        generate(DEFAULT_DEMO_DIR)
-    dist.barrier()
-    args.data_path = f"{DEFAULT_DEMO_DIR}/{'pretrain' if args.stage == 'pretrain' else 'finetune'}.json"
-    args.image_folder = args.image_folder or f"{DEFAULT_DEMO_DIR}/images"
-    log.info("no --data_path: training on the built-in demo data %s", args.data_path)
 
 
 def target_modules_flag(value: str | None) -> list[str] | str | None:
@@ -168,7 +155,7 @@ def train(args: argparse.Namespace) -> dict:
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(ckpt_dir)
-    default_data(args, rank)
+    apply_builtin_defaults(args, rank)
     # Resume: refused now, before minutes of loading, if the flags or the files do not match the checkpoint.
     derived = {"world_size": world_size, "zero_stage": early_ds_config.get("zero_optimization", {}).get("stage", 0)}
     defaults = vars(build_parser(args.stage).parse_args([]))
@@ -193,12 +180,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.pretrain_mm_mlp_adapter:
         load_pretrained_projector(model.projector, args.pretrain_mm_mlp_adapter, args.mm_projector_type)
     elif args.stage == "finetune":
-        default_stage1 = Path("outputs/pretrain-tiny")
-        if args.model_name_or_path == "tiny" and (default_stage1 / "mm_projector.safetensors").exists():
-            load_pretrained_projector(model.projector, default_stage1, args.mm_projector_type)
-            log.info("loaded the stage-1 projector from %s", default_stage1)
-        else:
-            log.warning("no --pretrain_mm_mlp_adapter: the projector starts from random weights")
+        log.warning("no --pretrain_mm_mlp_adapter: the projector starts from random weights")
     adapter_config = set_trainable(model, args, dtype)
     vision_adapter_config = add_vision_adapter(model, args, adapter_config, dtype)
     if args.packing and device.type == "cuda" and args.attn_implementation == "sdpa":
