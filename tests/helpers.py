@@ -32,6 +32,19 @@ def single_thread():
         torch.set_num_threads(old)
 
 
+def image_batch_loss(model) -> torch.Tensor:
+    """Loss of a random 2-sample batch with one image each and the first tokens masked, as a training step sees it."""
+    from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
+
+    n_img = model.num_image_tokens
+    ids = torch.randint(5, 700, (2, n_img + 12))
+    ids[:, 1:1 + n_img] = IMAGE_TOKEN_ID
+    labels = ids.clone()
+    labels[:, :n_img + 4] = -100
+    pixels = torch.randn(2, 3, model.vision.image_size, model.vision.image_size)
+    return model(ids, torch.ones_like(ids), pixels, labels).loss
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment for running the project's CLIs: the repo root importable, one thread."""
     env = {**os.environ, **TEST_ENV}

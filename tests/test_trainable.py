@@ -4,19 +4,9 @@ import pytest
 import torch
 
 from mm_moslora.model.build import build_model
-from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
 from mm_moslora.train.args import parse_args
 from mm_moslora.train.recipe import set_trainable
-
-
-def _loss(model):
-    n_img = model.num_image_tokens
-    ids = torch.randint(5, 700, (2, n_img + 12))
-    ids[:, 1:1 + n_img] = IMAGE_TOKEN_ID
-    labels = ids.clone()
-    labels[:, :n_img + 4] = -100
-    pixels = torch.randn(2, 3, model.vision.image_size, model.vision.image_size)
-    return model(ids, torch.ones_like(ids), pixels, labels).loss
+from tests.helpers import image_batch_loss
 
 
 @pytest.mark.parametrize("adapter", ["moslora", "lora"])
@@ -30,7 +20,7 @@ def test_finetune_gradients_reach_adapters_and_projector_only(adapter):
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(std=0.05)
-    _loss(model).backward()
+    image_batch_loss(model).backward()
     expected = {"lora_A", "lora_B"} | ({"lora_M"} if adapter == "moslora" else set())
     n_adapted = 0
     for name, p in model.named_parameters():
@@ -48,7 +38,7 @@ def test_pretrain_trains_the_projector_only():
     torch.manual_seed(0)
     model, _ = build_model()
     assert set_trainable(model, parse_args("pretrain", []), torch.float32) is None
-    _loss(model).backward()
+    image_batch_loss(model).backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None) == name.startswith("projector."), name
 

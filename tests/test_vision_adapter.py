@@ -29,11 +29,10 @@ from mm_moslora.export import ExportError, export_checkpoint
 from mm_moslora.infer import InferenceEngine
 from mm_moslora.checkpoint import CheckpointError, config_for_model, load_checkpoint, save_inference_files
 from mm_moslora.model.build import build_model
-from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
 from mm_moslora.model.vision import VisionTower
 from mm_moslora.train.args import parse_args
 from mm_moslora.train.recipe import add_vision_adapter, set_trainable
-from tests.helpers import make_images, single_thread
+from tests.helpers import image_batch_loss, make_images, single_thread
 
 MAX_NEW = 8
 
@@ -139,13 +138,7 @@ def test_finetune_step_changes_only_adapters_and_projector():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    n_img = model.num_image_tokens
-    ids = torch.randint(5, 700, (2, n_img + 12))
-    ids[:, 1:1 + n_img] = IMAGE_TOKEN_ID
-    labels = ids.clone()
-    labels[:, :n_img + 4] = -100
-    pixels = torch.randn(2, 3, model.vision.image_size, model.vision.image_size)
-    model(ids, torch.ones_like(ids), pixels, labels).loss.backward()
+    image_batch_loss(model).backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     tower_lora = {n for n in before if n.startswith("vision.") and ".lora_" in n}
