@@ -84,6 +84,7 @@ def test_demo_reuses_a_stage_only_with_its_flags(tmp_path, bad):
     from mm_moslora import pipeline as demo  # the demo's (and the adapter study's) stage runner
     flags = {"max_steps": 3, "learning_rate": 1e-3}
     (tmp_path / "train_summary.json").write_text(json.dumps({"steps": 3}))
+    (tmp_path / "mm_projector.safetensors").write_bytes(b"")  # a stage also needs its output to count as done
     assert not demo.stage_complete(tmp_path, flags)  # no record of its flags: run again
     (tmp_path / demo.STAGE_RECORD_FILE).write_text(json.dumps(demo.stage_record(flags)))
     assert demo.stage_complete(tmp_path, flags)
