@@ -75,7 +75,7 @@ from .checkpoint import (LLM_DIR, PROJECTOR_FILE, TOKENIZER_DIR, VISION_FILE, Ch
                          save_tensors)
 from .errors import InputError
 from .export_folder import OutputPathError, check_output_dir, recover_interrupted_export, staging_dir  # noqa: F401
-from .model.build import TINY, parse_dtype
+from .model.build import DTYPE_NAMES, TINY, parse_dtype
 from .model.mm_model import MultimodalLM
 from .model.quantize import dequantize_linears
 from .model.vision import VisionTower
@@ -87,7 +87,6 @@ PEFT_DIR = "llm_adapter"
 # peft exports of a checkpoint whose tower has an adapter too: stock PEFT adapts the transformers LLaVA model.
 PEFT_LLAVA_BASE_DIR = "hf_llava_base"
 PEFT_LLAVA_DIR = "llava_adapter"
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _STEP_COUNTS = {"merged": 3, "peft": 2, "hf-llava": 4, "peft-llava": 4}  # progress steps of each writer, after loading
 
 

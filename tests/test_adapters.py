@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 from mm_moslora.adapters import (
     ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
     DEFAULT_TARGET_MODULES,
     AdapterConfig,
     MoSLoRALinear,

@@ -190,7 +190,7 @@ def test_report_from_run_results(tmp_path):
     s = study(tmp_path)
     data = write_report(s, fake_results(), tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(data))
-    lora, moslora = data["variants"]["lora"], data["variants"]["moslora"]
+    lora, _ = data["variants"]["lora"], data["variants"]["moslora"]
     assert [r["seed"] for r in lora["runs"]] == [0, 1, 2] and lora["runs"][0]["metrics"]["vqav2/overall"] == 70.0
     assert set(lora["summary"]["vqav2/overall"]) >= {"mean", "std", "ci95"}
     assert lora["summary"]["vqav2/overall"]["mean"] == pytest.approx(71.0)

@@ -23,6 +23,7 @@ TINY = "tiny"
 TINY_DIR = Path(__file__).parent / "tiny"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # the names we write
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -24,7 +24,6 @@ from ..errors import InputError
 
 QUANT_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class QuantizationError(InputError):

@@ -33,9 +33,9 @@ from ..data.mixture import (MIXTURE_FILE, load_mixture, mixture_differences, rea
 from ..data.sources import DataValidationError
 from ..model import packed_attention
 from ..errors import InputError, report_input_errors
-from ..model.build import build_model, weights_fingerprint
+from ..model.build import DTYPE_NAMES, build_model, weights_fingerprint
 from ..model.projector import load_pretrained_projector
-from ..model.quantize import DTYPE_NAMES, check_quantized_training, quantize_linears
+from ..model.quantize import check_quantized_training, quantize_linears
 from .args import build_parser
 from .builtin_defaults import apply_builtin_defaults
 from .checkpoint import (check_step_folder, latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
