@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mm_moslora.adapters import AdapterConfig, inject_adapters  # noqa: E402
+from mm_moslora.adapters import AdapterConfig, dropout_kernels, inject_adapters  # noqa: E402
 from mm_moslora.data.collate import collate, collate_packed, epoch_batches, packed_epoch_batches  # noqa: E402
 from mm_moslora.model import packed_attention  # noqa: E402
 from mm_moslora.model.build import TINY_DIR, build_model  # noqa: E402
@@ -127,6 +127,9 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--dropout_kernel", default="on", choices=["on", "off", "both"],
+                    help="the adapter's dropout inside Triton matmuls (adapters/dropout_kernels.py) or torch ops; "
+                    "both: each batch size timed both ways on the same model, alternating")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--deepspeed", default=str(Path(__file__).resolve().parent.parent / "deepspeed_configs" / "zero2.json"))
     ap.add_argument("--profile", metavar="DIR", help="after timing, profile one more step with torch.profiler and "
@@ -186,11 +189,14 @@ def main():
         if args.seq < 2 + n_img:
             ap.error(f"--seq {args.seq}: a sample holds 1 + {n_img} image tokens and at least one text token")
         args.text_tokens = args.seq - 1 - n_img
+    kernel_modes = ["on", "off"] if args.dropout_kernel == "both" else [args.dropout_kernel]
     for batch_size in batches:  # largest first: a later engine's peak can only include leftovers, never flatter
-        run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16, n_llm, n_vis, trainable)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for mode in kernel_modes:
+            dropout_kernels.enabled = mode == "on"
+            run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16, n_llm, n_vis, trainable)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16, n_llm, n_vis, trainable):
@@ -229,6 +235,7 @@ def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16
     step_s = steady[len(steady) // 2]
     flops = (6 if args.gradient_checkpointing else 4) * n_llm * args.batch * seq + 2 * n_vis * args.batch * n_img
     result = {"adapter": args.adapter, "r": args.lora_r, "bits": args.bits,
+              "dropout_kernel": dropout_kernels.enabled and args.lora_dropout > 0 and device.type == "cuda",
               "vision_adapter": args.vision_adapter, "vision_r": args.vision_lora_r if args.vision_adapter != "none"
               else None, "gc": args.gradient_checkpointing, "batch": args.batch,
               "seq": seq, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),

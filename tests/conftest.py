@@ -1,10 +1,16 @@
 """Session-wide pytest fixtures (shared by every test file: add new fixtures, keep the others)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (ours in adapters/dropout_kernels.py) run in Triton's CPU interpreter on a machine without a
+    # GPU. The variable is read when Triton decorates its kernels, so it must be set before anything imports it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

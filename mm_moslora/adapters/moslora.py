@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dropout_kernels
+
 ADAPTER_KINDS = ("moslora", "lora")
 # The paper's ablation. "normal" is N(0, 1/r²) (PEFT's Gaussian LoRA init); "zero" makes B M A's gradients all
 # zero (B and M start at 0), so nothing trains: the paper's "does not converge", kept so it can be shown.
@@ -274,7 +276,9 @@ class LowRankBranch(torch.autograd.Function):
     - Saved for backward: x itself (the same tensor the sibling projections of q/k/v or gate/up receive, so it
       costs nothing extra), the r-wide A'·x, and an RNG state: the dropout mask is regenerated in backward
       instead of storing a masked copy of x per module, which is what makes LoRA fine-tuning run out of memory
-      without activation checkpointing.
+      without activation checkpointing. Where Triton runs (`dropout_kernels.usable`), not even that: the mask is
+      drawn inside the three matmuls that read it (from a seed), so no dropped-out x is written in forward or
+      backward and the masked input gradient is added straight into the base layer's.
     Shapes: x (..., d_in), y (..., d_out) or None, W (d_out, d_in) or None, b (d_out) or None, A (r, d_in),
     M (r, r) or None (plain LoRA), B (d_out, r) -> (..., d_out).
     """
@@ -286,13 +290,18 @@ class LowRankBranch(torch.autograd.Function):
             y2 = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
         else:
             y2 = y.reshape(-1, y.shape[-1]).to(B.dtype)
-        state = _rng_state(x.device) if p > 0 else None
-        h = F.dropout(x2, p, True) if p > 0 else x2
         A_eff = M @ A if M is not None else A
-        u = h @ A_eff.t()                                                  # (N, r)
+        fused = p > 0 and dropout_kernels.usable(x2, A_eff, p)
+        if fused:  # the mask is drawn inside the kernels from a seed: no dropped-out copy of x is written
+            state = dropout_kernels.draw_seed(x.device)
+            u = dropout_kernels.dropout_matmul(x2, A_eff, state, p)          # (N, r)
+        else:
+            state = _rng_state(x.device) if p > 0 else None
+            h = F.dropout(x2, p, True) if p > 0 else x2
+            u = h @ A_eff.t()                                              # (N, r)
         out = torch.addmm(y2, u, B.t(), alpha=scaling)                     # (N, d_out)
         ctx.save_for_backward(x, W, A, M, A_eff, B, u)  # A_eff is A itself for LoRA: saved once
-        ctx.scaling, ctx.p, ctx.rng = scaling, p, state
+        ctx.scaling, ctx.p, ctx.rng, ctx.fused = scaling, p, state, fused
         out_dtype = x.dtype if W is not None else y.dtype
         return out.reshape(*x.shape[:-1], B.shape[0]).to(out_dtype)
 
@@ -306,14 +315,22 @@ class LowRankBranch(torch.autograd.Function):
         grad_A = grad_M = grad_x = None
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             x2 = x.reshape(-1, x.shape[-1])
-            h = _replay_dropout(x2, p, ctx.rng) if p > 0 else x2
-            grad_A_eff = gu.t() @ h                                        # (r, d_in)
+            if ctx.fused:
+                grad_A_eff = dropout_kernels.dropout_grad_weight(gu, x2, ctx.rng, p)
+            else:
+                h = _replay_dropout(x2, p, ctx.rng) if p > 0 else x2
+                grad_A_eff = gu.t() @ h                                    # (r, d_in)
             if M is None:
                 grad_A = grad_A_eff
             else:
                 grad_A = M.t() @ grad_A_eff if ctx.needs_input_grad[4] else None
                 grad_M = grad_A_eff @ A.t() if ctx.needs_input_grad[5] else None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.fused:
+            # The base layer's input gradient first; the kernel adds the masked adapter term into it.
+            base_grad = (g @ W) if W is not None else None
+            grad_x = dropout_kernels.matmul_dropout(gu, A_eff, ctx.rng, p, out=base_grad)
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        elif ctx.needs_input_grad[0]:
             grad_x = gu @ A_eff                                            # (N, d_in)
             if p > 0:
                 grad_x = _replay_dropout(grad_x, p, ctx.rng)
