@@ -191,16 +191,17 @@ def main():
         args.text_tokens = args.seq - 1 - n_img
     kernel_modes = ["on", "off"] if args.dropout_kernel == "both" else [args.dropout_kernel]
     for batch_size in batches:  # largest first: a later engine's peak can only include leftovers, never flatter
-        for mode in kernel_modes:
-            dropout_kernels.enabled = mode == "on"
-            run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16, n_llm, n_vis, trainable)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16, n_llm, n_vis, trainable,
+                  kernel_modes)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16, n_llm, n_vis, trainable):
-    """Time args.steps micro-steps (after args.warmup) at `batch_size` on a fresh engine; print one BENCH line."""
+def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16, n_llm, n_vis, trainable,
+              kernel_modes=("on",)):
+    """Time args.steps micro-steps (after args.warmup) at `batch_size` on a fresh engine; print one BENCH line per
+    dropout-kernel mode (several modes share the engine: DeepSpeed allows one engine per model)."""
     engine, _, _ = build_engine(model, deepspeed_config=args.deepspeed, learning_rate=args.learning_rate,
                                 total_steps=1000, micro_batch=batch_size, world_size=world_size, bf16=bf16,
                                 device=device)
@@ -221,6 +222,12 @@ def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16
              "n_samples": args.batch, "n_tokens": ids.numel()}
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for mode in kernel_modes:
+        dropout_kernels.enabled = mode == "on"
+        time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_img, n_llm, n_vis, trainable, sync)
+
+
+def time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_img, n_llm, n_vis, trainable, sync):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []

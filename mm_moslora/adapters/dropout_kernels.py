@@ -57,6 +57,7 @@ def draw_seed(device: torch.device) -> int:
     The offset is advanced by 4 (the unit of CUDA's Philox offsets), so the next call gets another seed.
     """
     if device.type == "cuda":
+        torch.cuda.init()  # the default generators exist once CUDA is initialised (no-op after the first call)
         gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
         offset = gen.get_offset()
         gen.set_offset(offset + 4)
