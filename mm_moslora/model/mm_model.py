@@ -7,22 +7,30 @@ their final length and image features are a 1:1 `masked_scatter` into those posi
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+log = logging.getLogger(__name__)
 
 IMAGE_TOKEN_ID = -200  # LLaVA's sentinel; never a vocabulary id, so no embedding resize is needed
 
 
 class MultimodalLM(nn.Module):
     """Parts: `vision` (VisionTower), `projector` (nn.Module), `llm` (a transformers causal LM);
-    `image_token_id` marks image positions in `input_ids` (never a vocabulary id)."""
+    `image_token_id` marks image positions in `input_ids` (never a vocabulary id).
+    `fused_linear_cross_entropy`: the loss through Liger's fused linear cross-entropy (set by
+    model.fused_kernels.apply_liger_kernel)."""
 
     def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, image_token_id: int = IMAGE_TOKEN_ID):
         super().__init__()
         self.vision, self.projector, self.llm = vision, projector, llm
         self.image_token_id = image_token_id
+        self.fused_linear_cross_entropy = False
+        self._fused_loss_fallback_logged = False
 
     @property
     def num_image_tokens(self) -> int:
@@ -98,6 +106,8 @@ class MultimodalLM(nn.Module):
         """Next-token cross-entropy over supervised positions only: the LM head runs on those hidden states
         alone, so image and prompt positions (over half of a LLaVA sequence) cost no vocabulary projection
         and no fp32 logits are materialised for them. Equal to the Hugging Face loss (mean over labels != -100).
+        With `fused_linear_cross_entropy`, Liger computes the same sum without materialising any logits (falling
+        back to this path, once logged, where the LM head cannot be fused, e.g. a ZeRO-3 partition).
         """
         # No KV cache in a loss pass (transformers also reads packed rows from position_ids only without one).
         llm_kwargs.setdefault("use_cache", False)
@@ -105,6 +115,21 @@ class MultimodalLM(nn.Module):
                                         **llm_kwargs).last_hidden_state          # (B, T, H)
         targets = labels[:, 1:]
         keep = targets != -100
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])        # (n_supervised, vocab)
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
-        return CausalLMOutputWithPast(loss=loss)
+        head, selected, supervised = self.llm.get_output_embeddings(), hidden[:, :-1][keep], targets[keep]
+        if self.fused_linear_cross_entropy and self._can_fuse_head(head) and supervised.numel():
+            from .fused_kernels import linear_cross_entropy_sum
+
+            loss_sum = linear_cross_entropy_sum(selected, head, supervised)
+        else:
+            logits = head(selected)                                             # (n_supervised, vocab)
+            loss_sum = F.cross_entropy(logits.float(), supervised, reduction="sum")
+        return CausalLMOutputWithPast(loss=loss_sum / keep.sum().clamp(min=1))
+
+    def _can_fuse_head(self, head: nn.Module) -> bool:
+        from .fused_kernels import head_unfusable_reason
+
+        reason = head_unfusable_reason(head)
+        if reason and not self._fused_loss_fallback_logged:
+            log.warning("fused linear cross-entropy off: %s; the loss runs the LM head and a plain cross-entropy", reason)
+            self._fused_loss_fallback_logged = True
+        return reason is None

@@ -109,6 +109,11 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     t.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
     t.add_argument("--max_grad_norm", type=float, default=1.0)
     flag("--gradient_checkpointing", False)
+    t.add_argument("--use_liger_kernel", type=str.lower, nargs="?", const="true", default="auto",
+                   choices=["auto", "true", "false"],
+                   help="Liger Kernel's fused RoPE, RMSNorm, SwiGLU/GeGLU and linear cross-entropy (pip install "
+                        "'mm_moslora[speed]'); auto = on with a CUDA device, liger-kernel installed and an LM family "
+                        "it supports; true where it cannot run is an error")
     flag("--bf16", False)
     flag("--fp16", False)
     flag("--tf32", False)

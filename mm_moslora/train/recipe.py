@@ -34,6 +34,7 @@ from ..data.sources import DataValidationError
 from ..model import packed_attention
 from ..errors import InputError, report_input_errors
 from ..model.build import DTYPE_NAMES, build_model, weights_fingerprint
+from ..model.fused_kernels import apply_liger_kernel, resolve_use_liger_kernel
 from ..model.projector import load_pretrained_projector
 from ..model.quantize import check_quantized_training, quantize_linears
 from .args import build_parser
@@ -147,6 +148,8 @@ def train(args: argparse.Namespace) -> dict:
     # So is a --bits combination that cannot run (no bitsandbytes, no kernels for this device, ZeRO-3).
     check_quantized_training(args.bits, args.quant_type, device,
                              early_ds_config.get("zero_optimization", {}).get("stage", 0), args.deepspeed)
+    # And --use_liger_kernel true without CUDA or liger-kernel (the LM's family is checked once it is built).
+    resolve_use_liger_kernel(args.use_liger_kernel, device, model_type=None)
     torch.manual_seed(args.seed)
     if args.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -192,6 +195,11 @@ def train(args: argparse.Namespace) -> dict:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if vision_adapter_config is not None or args.unfreeze_mm_vision_tower:  # activations kept for backward
             model.vision.set_gradient_checkpointing(True)
+    # Fused kernels last, on the module tree that trains (adapters, quantized layers and attention all in place).
+    liger = resolve_use_liger_kernel(args.use_liger_kernel, device, model.llm.config.model_type)
+    if liger.on:
+        apply_liger_kernel(model)
+    log.info("Liger Kernel: %s", liger.describe())
     log.info(format_parameter_report(model))
 
     # Data: every source validated up front (exact token lengths come out of it), tokenized lazily.
@@ -380,7 +388,7 @@ def train(args: argparse.Namespace) -> dict:
                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
                "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                "skipped_images": state["skipped_images"], "skipped_steps": state["skipped_steps"],
-               "dropped_records": mixture.n_bad, "packing": args.packing,
+               "dropped_records": mixture.n_bad, "packing": args.packing, "liger_kernel": liger.describe(),
                "output_dir": str(out_dir)}
     if rank == 0:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -389,7 +397,7 @@ def train(args: argparse.Namespace) -> dict:
         whole_steps = f" ({summary['skipped_steps']} whole steps)" if summary["skipped_steps"] else ""
         print(f"[mm_moslora] {args.stage} done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
               f"{summary['samples_per_second']} samples/s, {summary['skipped_images']} images skipped{whole_steps}, "
-              f"{summary['dropped_records']} records dropped -> {out_dir}", flush=True)
+              f"{summary['dropped_records']} records dropped, Liger Kernel {'on' if liger.on else 'off'} -> {out_dir}", flush=True)
     dist.barrier()
     return summary
 
