@@ -5,6 +5,9 @@
     deepspeed --num_gpus 2 scripts/benchmark_train.py --deepspeed deepspeed_configs/zero2.json ...
     # the MoSLoRA paper's QLoRA setup: 4-bit NF4 LM + MoSLoRA r128 on it + tower MoSLoRA r64, batch 16 then 4
     python scripts/benchmark_train.py --bits 4 --vision_adapter moslora --gradient_checkpointing --batch 16,4
+    # Liger Kernel (on by default on a GPU with liger-kernel installed) against the plain kernels: one process each,
+    # since Liger patches the LM family's RoPE process-wide
+    python scripts/benchmark_train.py --use_liger_kernel true; python scripts/benchmark_train.py --use_liger_kernel false
 
 Builds the stack (LLaMA-2-7B-shaped LM, open_clip ViT-L-14-336, mlp2x_gelu), injects the adapter, wraps it in the
 same DeepSpeed engine and runs the same micro-step as scripts/finetune.py (mm_moslora.train.engine), on a fixed
@@ -39,6 +42,7 @@ from mm_moslora.adapters import AdapterConfig, dropout_kernels, inject_adapters 
 from mm_moslora.data.collate import collate, collate_packed, epoch_batches, packed_epoch_batches  # noqa: E402
 from mm_moslora.model import packed_attention  # noqa: E402
 from mm_moslora.model.build import TINY_DIR, build_model  # noqa: E402
+from mm_moslora.model.fused_kernels import LigerKernelError, apply_liger_kernel, resolve_use_liger_kernel  # noqa: E402
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID  # noqa: E402
 from mm_moslora.model.quantize import check_quantized_training, quantize_linears  # noqa: E402
 from mm_moslora.train.engine import MODEL_INPUTS, build_engine, train_micro_step  # noqa: E402
@@ -130,6 +134,9 @@ def main():
     ap.add_argument("--dropout_kernel", default="on", choices=["on", "off", "both"],
                     help="the adapter's dropout inside Triton matmuls (adapters/dropout_kernels.py) or torch ops; "
                     "both: each batch size timed both ways on the same model, alternating")
+    ap.add_argument("--use_liger_kernel", default="auto", choices=["auto", "true", "false"],
+                    help="Liger Kernel's fused kernels, as scripts/finetune.py --use_liger_kernel (auto: on with CUDA, "
+                         "liger-kernel installed and a supported LM)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--deepspeed", default=str(Path(__file__).resolve().parent.parent / "deepspeed_configs" / "zero2.json"))
     ap.add_argument("--profile", metavar="DIR", help="after timing, profile one more step with torch.profiler and "
@@ -165,6 +172,15 @@ def main():
         if args.vision_adapter != "none":
             model.vision.set_gradient_checkpointing(True)
     model.to(device)
+    try:  # last, on the module tree that trains, as the recipe does
+        liger = resolve_use_liger_kernel(args.use_liger_kernel, device, model.llm.config.model_type)
+    except LigerKernelError as err:
+        ap.error(str(err))
+    if liger.on:
+        apply_liger_kernel(model)
+    args.liger = liger.on
+    if rank == 0:
+        print(f"Liger Kernel: {liger.describe()}", flush=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_img = model.num_image_tokens
     if args.lengths == "mix665k":
@@ -177,7 +193,8 @@ def main():
         if rank == 0:
             for line in mixed_length_benchmark(args, engine, model, tokenizer, device, world_size, rank, sync):
                 print("BENCH " + json.dumps({**line, "adapter": args.adapter, "r": args.lora_r,
-                                             "gc": args.gradient_checkpointing, "world_size": world_size,
+                                             "gc": args.gradient_checkpointing, "liger": args.liger,
+                                             "world_size": world_size,
                                              "zero_stage": engine.zero_optimization_stage(),
                                              "trainable_m": round(trainable / 1e6, 1)}), flush=True)
         else:
@@ -244,7 +261,7 @@ def time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_
     result = {"adapter": args.adapter, "r": args.lora_r, "bits": args.bits,
               "dropout_kernel": dropout_kernels.enabled and args.lora_dropout > 0 and device.type == "cuda",
               "vision_adapter": args.vision_adapter, "vision_r": args.vision_lora_r if args.vision_adapter != "none"
-              else None, "gc": args.gradient_checkpointing, "batch": args.batch,
+              else None, "gc": args.gradient_checkpointing, "liger": args.liger, "batch": args.batch,
               "seq": seq, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
               "step_s": round(step_s, 4), "tok_s_per_gpu": round(args.batch * seq / step_s),
               "samples_s_per_gpu": round(args.batch / step_s, 2), "tflops_per_gpu": round(flops / step_s / 1e12, 1),

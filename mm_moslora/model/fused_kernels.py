@@ -67,7 +67,7 @@ def supported_model_types() -> frozenset[str]:
 def unavailable_reason(device: torch.device, model_type: str | None) -> str | None:
     """Why Liger Kernel cannot run here, or None when it can. model_type None: not known yet (not checked)."""
     if device.type != "cuda":
-        return f"no CUDA device (the run is on {device.type}; Liger's kernels are Triton GPU kernels)"
+        return f"no CUDA device (the run is on {device.type}), and Liger's kernels are Triton GPU kernels"
     version = liger_version()
     if version is None:
         return "liger-kernel is not installed (pip install 'mm_moslora[speed]')"
