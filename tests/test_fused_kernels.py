@@ -116,7 +116,7 @@ def test_auto_true_false_resolve_by_device_install_and_model_family(monkeypatch)
     off = resolve_use_liger_kernel("auto", CPU, "llama")
     assert not off.on and off.describe().startswith("off (auto: no CUDA device")
     assert not resolve_use_liger_kernel("false", CUDA, "llama").on
-    with pytest.raises(LigerKernelError, match=r"^--use_liger_kernel true: no CUDA device \(the run is on cpu\\), and"):
+    with pytest.raises(LigerKernelError, match=r"^--use_liger_kernel true: no CUDA device \(the run is on cpu\), and"):
         resolve_use_liger_kernel("true", CPU, "llama")
     assert issubclass(LigerKernelError, InputError)  # one `error:` line and exit status 2 at the entry points
 
