@@ -404,6 +404,7 @@ def test_default_demo_data_run_writes_summary_tensorboard_and_learns(tmp_path):
     assert summary_lines[0].endswith(str(Path("outputs/finetune-tiny")))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 20 and summary["samples"] == 80 and math.isfinite(summary["final_loss"])
+    assert summary["liger_kernel"].startswith(("on (auto:", "off (auto:")) and "Liger Kernel " in summary_lines[0]
     assert list((out / "runs").glob("**/events.out.tfevents.*"))
 
     logged = scalars(out / "runs")

@@ -34,7 +34,7 @@ from ..data.sources import DataValidationError
 from ..model import packed_attention
 from ..errors import InputError, report_input_errors
 from ..model.build import DTYPE_NAMES, build_model, weights_fingerprint
-from ..model.fused_kernels import apply_liger_kernel, resolve_use_liger_kernel
+from ..model.fused_kernels import LigerDecision, apply_liger_kernel, resolve_use_liger_kernel
 from ..model.projector import load_pretrained_projector
 from ..model.quantize import check_quantized_training, quantize_linears
 from .args import build_parser
@@ -111,6 +111,16 @@ def add_vision_adapter(model, args: argparse.Namespace, llm_config: AdapterConfi
     torch.manual_seed(args.seed + 1)  # its own stream: the LM's adapters initialise as without it
     model.vision.add_adapters(config, dtype=dtype)
     return config
+
+
+def apply_fast_kernels(model, args: argparse.Namespace, device: torch.device) -> LigerDecision:
+    """The fused kernels the flags ask for (--use_liger_kernel), applied last: on the module tree that trains, with
+    adapters, quantized layers and attention in place. Returns the Liger decision (for the log and the summary).
+    benchmarks/check_fast_paths.py calls this too, so each fast path it compares is the one training runs."""
+    liger = resolve_use_liger_kernel(args.use_liger_kernel, device, model.llm.config.model_type)
+    if liger.on:
+        apply_liger_kernel(model)
+    return liger
 
 
 def quantization_fields(args: argparse.Namespace, dtype: torch.dtype) -> dict:
@@ -195,10 +205,7 @@ def train(args: argparse.Namespace) -> dict:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if vision_adapter_config is not None or args.unfreeze_mm_vision_tower:  # activations kept for backward
             model.vision.set_gradient_checkpointing(True)
-    # Fused kernels last, on the module tree that trains (adapters, quantized layers and attention all in place).
-    liger = resolve_use_liger_kernel(args.use_liger_kernel, device, model.llm.config.model_type)
-    if liger.on:
-        apply_liger_kernel(model)
+    liger = apply_fast_kernels(model, args, device)
     log.info("Liger Kernel: %s", liger.describe())
     log.info(format_parameter_report(model))
 
