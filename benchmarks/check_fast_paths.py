@@ -1,6 +1,6 @@
 """GPU check of the training step's fast paths (not a test): each one against the plain path, on CUDA.
 
-    python benchmarks/check_fast_paths.py --out $OUT/fast_paths            # every variant; about 3 min on one H100
+    python benchmarks/check_fast_paths.py --out $OUT/fast_paths            # every variant; estimated < 3 min on one H100 (not yet run)
     python benchmarks/check_fast_paths.py --variants liger --no-curves     # the maths part of one variant only
 
 A variant is a name and the flags of scripts/finetune.py that turn its fast path on (VARIANTS below); PLAIN turns
