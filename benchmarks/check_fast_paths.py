@@ -6,6 +6,9 @@
 A variant is a name and the flags of scripts/finetune.py that turn its fast path on (VARIANTS below); PLAIN turns
 every fast path off. To check a new fast path, add its flag to train/args.py, apply it in
 `mm_moslora.train.recipe.apply_fast_kernels` (which this script calls, as training does) and add one Variant here.
+`--stage2-flags "..."` adds flags to every stage-2 run (e.g. "--lora_dropout 0.05": the demo trains without
+dropout). The adapters' dropout kernels (adapters/dropout_kernels.py) have no flag: every run here uses them
+where dropout is on (the maths part: p = 0.05, the same masks in every variant).
 
 1. Maths (one process per variant: Liger patches an LM family's RoPE process-wide). The loss and the gradient of
    every trainable tensor (MoSLoRA A, M, B with dropout 0.05, non-zero B; the projector) on one batch with images,
@@ -30,7 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -242,6 +245,7 @@ def main() -> int:
     ap.add_argument("--no-maths", action="store_true")
     ap.add_argument("--no-curves", action="store_true")
     ap.add_argument("--steps", type=int, default=CURVE_STEPS, help="optimizer steps of each stage-2 run")
+    ap.add_argument("--stage2-flags", default="", help="extra scripts/finetune.py flags for every stage-2 run")
     ap.add_argument("--dry-run", action="store_true", help="the plumbing on a CPU: tiny shapes, 3 steps")
     ap.add_argument("--maths-child", default=None, help=argparse.SUPPRESS)  # internal: NAME:RESULT_FILE
     args = ap.parse_args()
@@ -289,7 +293,8 @@ def main() -> int:
         runs = {"plain": ({}, PLAIN.flags), "plain_seed43": ({"seed": 43}, PLAIN.flags),
                 "plain_fp32": ({"bf16": False}, PLAIN.flags), **{v.name: ({}, v.flags) for v in variants}}
         commands = {name: stage_command("finetune", out / name, data_dir, args.steps,
-                                        {"pretrain_mm_mlp_adapter": stage1, "adapter": "moslora", **flags}, extra)
+                                        {"pretrain_mm_mlp_adapter": stage1, "adapter": "moslora", **flags},
+                                        (*extra, *shlex.split(args.stage2_flags)))
                     for name, (flags, extra) in runs.items()}
         say(f"stage 2 ({args.steps} steps each, {BACKBONES['model_name_or_path']}): " + " ".join(commands["plain"]))
         codes = run_all(commands, out / "logs", 400)
