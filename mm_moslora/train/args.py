@@ -26,6 +26,19 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+def budget_gib(value: str) -> float | str:
+    """--activation_memory_budget_gib: a positive number of GiB, or `auto`."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB or auto, got {value!r}")
+    return number
+
+
 def build_parser(stage: str) -> argparse.ArgumentParser:
     """stage: "pretrain" (projector alignment) or "finetune" (MoSLoRA + projector)."""
     p = argparse.ArgumentParser(prog=f"{stage}.py", allow_abbrev=False,
@@ -108,7 +121,12 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     t.add_argument("--warmup_ratio", type=float, default=0.03)
     t.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
     t.add_argument("--max_grad_norm", type=float, default=1.0)
-    flag("--gradient_checkpointing", False)
+    flag("--gradient_checkpointing", None, "recompute every decoder layer's activations in backward (LLaVA's flag; "
+         "default False)")
+    t.add_argument("--activation_memory_budget_gib", type=budget_gib, default=None, metavar="GIB|auto",
+                   help="checkpoint as few decoder layers as fit the LM's activations into GIB (the activations "
+                        "only, measured on the first micro-batch and scaled to the largest one), or `auto`: what a "
+                        "GPU has free after the first optimizer step; the choice is logged and in the summary")
     t.add_argument("--use_liger_kernel", type=str.lower, nargs="?", const="true", default="auto",
                    choices=["auto", "true", "false"],
                    help="Liger Kernel's fused RoPE, RMSNorm, SwiGLU/GeGLU and linear cross-entropy (pip install "
@@ -150,6 +168,10 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--vision_lora_r and --vision_lora_alpha must be positive, --vision_lora_dropout in [0, 1)")
         if args.vision_adapter == "lora" and (args.mixer_init != "kaiming" or args.freeze_mixer):
             parser.error("--mixer_init and --freeze_mixer apply to MoSLoRA only: --vision_adapter lora has no mixer")
+    if args.activation_memory_budget_gib is not None and args.gradient_checkpointing is False:
+        parser.error("--gradient_checkpointing False and --activation_memory_budget_gib contradict each other: the "
+                     "budget chooses which decoder layers are checkpointed; give one of them")
+    args.gradient_checkpointing = bool(args.gradient_checkpointing)
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")

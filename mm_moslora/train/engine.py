@@ -69,6 +69,12 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_
                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The model's keyword arguments from a collated batch, on `device`."""
+    return {k: (batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k])
+            for k in MODEL_INPUTS if k in batch}
+
+
 def train_micro_step(engine, batch: dict, device: torch.device, pad_token_id: int) -> tuple[torch.Tensor, int, int]:
     """Forward, backward and (at accumulation boundaries) optimizer step on one micro-batch.
 
@@ -77,9 +83,7 @@ def train_micro_step(engine, batch: dict, device: torch.device, pad_token_id: in
     in step.
     """
     if "input_ids" in batch:
-        inputs = {k: (batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k])
-                  for k in MODEL_INPUTS if k in batch}
-        loss = engine(**inputs).loss
+        loss = engine(**model_inputs(batch, device)).loss
         n_samples, n_tokens = batch["n_samples"], batch["n_tokens"]
     else:
         dummy = torch.full((1, 1), pad_token_id, device=device)

@@ -37,12 +37,13 @@ from ..model.build import DTYPE_NAMES, build_model, weights_fingerprint
 from ..model.fused_kernels import LigerDecision, apply_liger_kernel, resolve_use_liger_kernel
 from ..model.projector import load_pretrained_projector
 from ..model.quantize import check_quantized_training, quantize_linears
+from .activation_memory import CheckpointingPlanner, first_probe_batch, free_for_activations
 from .args import build_parser
 from .builtin_defaults import apply_builtin_defaults
 from .checkpoint import (check_step_folder, latest_checkpoint, load_training_checkpoint, remove_partial_checkpoints,
                          save_training_checkpoint)
 from .ds_config import load_deepspeed_config
-from .engine import build_engine, train_micro_step
+from .engine import build_engine, model_inputs, train_micro_step
 from .resume import check_resume_flags, training_record
 
 log = logging.getLogger("mm_moslora.train")
@@ -160,6 +161,8 @@ def train(args: argparse.Namespace) -> dict:
                              early_ds_config.get("zero_optimization", {}).get("stage", 0), args.deepspeed)
     # And --use_liger_kernel true without CUDA or liger-kernel (the LM's family is checked once it is built).
     resolve_use_liger_kernel(args.use_liger_kernel, device, model_type=None)
+    if args.activation_memory_budget_gib == "auto" and device.type != "cuda":
+        free_for_activations(device)  # refuses: `auto` reads a GPU's memory
     torch.manual_seed(args.seed)
     if args.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -201,7 +204,13 @@ def train(args: argparse.Namespace) -> dict:
         packed_attention.register()
         model.llm.set_attn_implementation(packed_attention.NAME)
         log.info("--packing: attention through FlashAttention varlen (%s)", packed_attention.NAME)
-    if args.gradient_checkpointing:
+    planner = None
+    if args.activation_memory_budget_gib is not None:  # decides the LM's and the tower's checkpointing below
+        planner = CheckpointingPlanner(model, args.activation_memory_budget_gib, device)
+        if args.gradient_checkpointing:
+            log.info("--activation_memory_budget_gib decides which decoder layers are checkpointed "
+                     "(--gradient_checkpointing True would checkpoint all)")
+    elif args.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if vision_adapter_config is not None or args.unfreeze_mm_vision_tower:  # activations kept for backward
             model.vision.set_gradient_checkpointing(True)
@@ -227,6 +236,9 @@ def train(args: argparse.Namespace) -> dict:
             raise DataValidationError(f"{ckpt_dir / tag}: the training data differs from the checkpoint's "
                                       f"({'; '.join(diffs)}): resume with the same data, or use another --output_dir")
 
+    def collate_fn(samples: list) -> dict:
+        return (collate_packed if args.packing else collate)(samples, tokenizer.pad_token_id)
+
     def epoch_order(epoch: int) -> list:
         """Global steps of one epoch; each rank's part is a batch (or, packed, rows of samples)."""
         if args.packing:
@@ -246,6 +258,13 @@ def train(args: argparse.Namespace) -> dict:
     if recorded_flags and recorded_flags.get("total_steps") not in (None, total_steps):
         log.warning("resuming a %d-step run as a %d-step run: the learning-rate schedule is recomputed for the new "
                     "length", recorded_flags["total_steps"], total_steps)
+
+    if planner:  # activations measured on a real micro-batch, before the engine exists (no ZeRO-3 hooks yet)
+        model.to(device).train()  # where the engine puts it (ZeRO-3 too: it partitions from the device)
+        probe = first_probe_batch(collate_fn([dataset[i] for i in step[rank]]) for step in epoch_order(0))
+        planner.measure(model_inputs(probe, device), max_rows=args.per_device_train_batch_size,
+                        max_length=args.model_max_length)
+        planner.start()
 
     # Engine: our AdamW (fused on GPU) with a separate projector learning rate; DeepSpeed does ZeRO.
     engine, optimizer, scheduler = build_engine(
@@ -311,7 +330,7 @@ def train(args: argparse.Namespace) -> dict:
         # uses too, and a resumed run creates its loader at another point of that stream.
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=[b[rank] for b in order[micro_in_epoch:]],
-            collate_fn=lambda s: (collate_packed if args.packing else collate)(s, tokenizer.pad_token_id),
+            collate_fn=collate_fn,
             num_workers=args.dataloader_num_workers,
             generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch),
             worker_init_fn=functools.partial(_worker_image_policy, args.allow_images_outside_folder))
@@ -342,6 +361,8 @@ def train(args: argparse.Namespace) -> dict:
                 continue
             state["global_step"] += 1
             step = state["global_step"]
+            if planner and planner.pending:  # `auto`: weights, gradients and optimizer states are allocated now
+                planner.after_first_step()
             lrs = scheduler.get_last_lr()  # one per optimizer group (engine.param_groups)
             lr = lrs[0]
             if not step_samples:  # every sample of the step was skipped (images that failed to decode)
@@ -396,15 +417,19 @@ def train(args: argparse.Namespace) -> dict:
                "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                "skipped_images": state["skipped_images"], "skipped_steps": state["skipped_steps"],
                "dropped_records": mixture.n_bad, "packing": args.packing, "liger_kernel": liger.describe(),
+               "activation_checkpointing": planner.fields() if planner else None,
                "output_dir": str(out_dir)}
     if rank == 0:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if writer:
             writer.close()
         whole_steps = f" ({summary['skipped_steps']} whole steps)" if summary["skipped_steps"] else ""
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        checkpointing = f", {planner.describe(peak)}" if planner else ""
         print(f"[mm_moslora] {args.stage} done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
               f"{summary['samples_per_second']} samples/s, {summary['skipped_images']} images skipped{whole_steps}, "
-              f"{summary['dropped_records']} records dropped, Liger Kernel {'on' if liger.on else 'off'} -> {out_dir}", flush=True)
+              f"{summary['dropped_records']} records dropped, Liger Kernel {'on' if liger.on else 'off'}"
+              f"{checkpointing} -> {out_dir}", flush=True)
     dist.barrier()
     return summary
 

@@ -21,11 +21,13 @@ from .checkpoint import CheckpointError, read_training_args
 log = logging.getLogger(__name__)
 
 # Flags that only say how long to run, where and how often to write, how to report, or how to compute the same
-# numbers (attention kernel, activation checkpointing, TF32 matmuls, fused kernels, loader processes).
+# numbers (attention kernel, activation checkpointing and its memory budget, TF32 matmuls, fused kernels, loader
+# processes).
 MAY_CHANGE = frozenset({
     "num_train_epochs", "max_steps", "total_steps", "save_steps", "save_strategy", "save_total_limit",
     "logging_steps", "report_to", "output_dir", "resume", "local_rank", "dataloader_num_workers", "deepspeed",
-    "attn_implementation", "gradient_checkpointing", "tf32", "use_liger_kernel", "lazy_preprocess",
+    "attn_implementation", "gradient_checkpointing", "activation_memory_budget_gib", "tf32", "use_liger_kernel",
+    "lazy_preprocess",
     "trust_remote_code",
     "allow_images_outside_folder",  # the data is validated again either way
 })
