@@ -8,6 +8,9 @@
     # Liger Kernel (on by default on a GPU with liger-kernel installed) against the plain kernels: one process each,
     # since Liger patches the LM family's RoPE process-wide
     python scripts/benchmark_train.py --use_liger_kernel true; python scripts/benchmark_train.py --use_liger_kernel false
+    # memory regimes: the fewest checkpointed decoder layers that fit a peak of 80 / 40 GiB (on any larger card)
+    python scripts/benchmark_train.py --activation_memory_budget_gib auto --memory_limit_gib 80
+    python scripts/benchmark_train.py --checkpoint_layers 12      # a fixed policy: the first 12 of 32 layers
 
 Builds the stack (LLaMA-2-7B-shaped LM, open_clip ViT-L-14-336, mlp2x_gelu), injects the adapter, wraps it in the
 same DeepSpeed engine and runs the same micro-step as scripts/finetune.py (mm_moslora.train.engine), on a fixed
@@ -17,6 +20,9 @@ as shared/bench/peer_llava_peft.py counts), peak GiB, and the loss of every step
 training step that works makes it fall). Compare with the peer only within one device call.
 --bits 4|8 quantizes the LM as scripts/finetune.py --bits does (mm_moslora.model.quantize); --vision_adapter adds
 adapters to the tower (with --gradient_checkpointing the tower's blocks are checkpointed too, as in training).
+--activation_memory_budget_gib and --checkpoint_layers choose the policy as training does
+(mm_moslora/train/activation_memory.py); the BENCH line then gives the layers checkpointed, the budget, the
+predicted activations, what was allocated after the first step (weights, gradients, optimizer states) and the peak.
 
 `--lengths mix665k` draws the samples' lengths from a LLaVA-1.5 mix665k-like distribution (MIX665K below) and
 batches them as training does: padded batches of --batch samples in the modality-grouped order, or (--packing)
@@ -45,7 +51,9 @@ from mm_moslora.model.build import TINY_DIR, build_model  # noqa: E402
 from mm_moslora.model.fused_kernels import LigerKernelError, apply_liger_kernel, resolve_use_liger_kernel  # noqa: E402
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID  # noqa: E402
 from mm_moslora.model.quantize import check_quantized_training, quantize_linears  # noqa: E402
-from mm_moslora.train.engine import MODEL_INPUTS, build_engine, train_micro_step  # noqa: E402
+from mm_moslora.train.activation_memory import CheckpointingPlanner  # noqa: E402
+from mm_moslora.train.args import budget_gib  # noqa: E402
+from mm_moslora.train.engine import MODEL_INPUTS, build_engine, model_inputs, train_micro_step  # noqa: E402
 from mm_moslora.train.recipe import init_distributed  # noqa: E402
 
 LLM_PRESETS = {
@@ -131,6 +139,13 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--activation_memory_budget_gib", type=budget_gib, metavar="GIB|auto",
+                    help="as in training: the fewest checkpointed decoder layers whose activations fit GIB, or auto "
+                         "(what the GPU, or --memory_limit_gib, leaves free after the first step)")
+    ap.add_argument("--memory_limit_gib", type=float, help="with auto: budget as if the GPU had this much memory "
+                    "(e.g. 80 or 40 on a larger card, for a peak <= 80 / 40 GiB regime)")
+    ap.add_argument("--checkpoint_layers", type=int, metavar="K", help="a fixed policy: checkpoint the first K "
+                    "decoder layers (and the tower's blocks when K > 0), to measure each policy's speed and memory")
     ap.add_argument("--dropout_kernel", default="on", choices=["on", "off", "both"],
                     help="the adapter's dropout inside Triton matmuls (adapters/dropout_kernels.py) or torch ops; "
                     "both: each batch size timed both ways on the same model, alternating")
@@ -145,6 +160,16 @@ def main():
     args = ap.parse_args()
 
     batches = [int(b) for b in args.batch.split(",")]
+    planned = args.activation_memory_budget_gib is not None or args.checkpoint_layers is not None
+    if planned and (args.gradient_checkpointing or args.lengths != "fixed"):
+        ap.error("--activation_memory_budget_gib / --checkpoint_layers choose the checkpointing of fixed-length "
+                 "batches: not with --gradient_checkpointing or --lengths mix665k")
+    if args.activation_memory_budget_gib is not None and args.checkpoint_layers is not None:
+        ap.error("--activation_memory_budget_gib and --checkpoint_layers are exclusive")
+    if args.memory_limit_gib is not None and args.activation_memory_budget_gib != "auto":
+        ap.error("--memory_limit_gib goes with --activation_memory_budget_gib auto")
+    if args.activation_memory_budget_gib == "auto" and args.warmup < 1:
+        ap.error("--activation_memory_budget_gib auto decides after the first step: --warmup must be >= 1")
     rank, world_size, device = init_distributed()
     bf16 = args.dtype == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -219,10 +244,6 @@ def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16
               kernel_modes=("on",)):
     """Time args.steps micro-steps (after args.warmup) at `batch_size` on a fresh engine; print one BENCH line per
     dropout-kernel mode (several modes share the engine: DeepSpeed allows one engine per model)."""
-    engine, _, _ = build_engine(model, deepspeed_config=args.deepspeed, learning_rate=args.learning_rate,
-                                total_steps=1000, micro_batch=batch_size, world_size=world_size, bf16=bf16,
-                                device=device)
-    engine.train()
     args.batch = batch_size
 
     n_img = model.num_image_tokens
@@ -237,14 +258,26 @@ def run_batch(args, model, tokenizer, batch_size, rank, world_size, device, bf16
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
              "pixel_values": torch.randn(args.batch, 3, size, size, generator=gen),
              "n_samples": args.batch, "n_tokens": ids.numel()}
+    planner = None  # measured on this batch before the engine exists, as training does
+    if args.activation_memory_budget_gib is not None or args.checkpoint_layers is not None:
+        model.train()
+        planner = CheckpointingPlanner(model, args.activation_memory_budget_gib, device, args.memory_limit_gib)
+        planner.measure(model_inputs(batch, device), args.batch, seq, every_batch_alike=True)
+        planner.start() if args.checkpoint_layers is None else planner.fix(args.checkpoint_layers)
+    engine, _, _ = build_engine(model, deepspeed_config=args.deepspeed, learning_rate=args.learning_rate,
+                                total_steps=1000, micro_batch=batch_size, world_size=world_size, bf16=bf16,
+                                device=device)
+    engine.train()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for mode in kernel_modes:
         dropout_kernels.enabled = mode == "on"
-        time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_img, n_llm, n_vis, trainable, sync)
+        time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_img, n_llm, n_vis, trainable, sync,
+                   planner)
 
 
-def time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_img, n_llm, n_vis, trainable, sync):
+def time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_img, n_llm, n_vis, trainable, sync,
+               planner=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -255,9 +288,14 @@ def time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_
         sync()
         times.append(time.perf_counter() - start)
         losses.append(round(float(loss), 4))  # after the sync: costs no extra wait
+        if len(times) == 1:  # weights, gradients and optimizer states allocated; activations freed
+            persistent = torch.cuda.memory_allocated() if device.type == "cuda" else None
+            if planner:
+                planner.after_first_step()  # `auto` decides (once per engine)
     steady = sorted(times[args.warmup:])
     step_s = steady[len(steady) // 2]
-    flops = (6 if args.gradient_checkpointing else 4) * n_llm * args.batch * seq + 2 * n_vis * args.batch * n_img
+    recomputed = (planner.n_checkpointed / len(planner.layers) if planner else float(args.gradient_checkpointing))
+    flops = (4 + 2 * recomputed) * n_llm * args.batch * seq + 2 * n_vis * args.batch * n_img
     result = {"adapter": args.adapter, "r": args.lora_r, "bits": args.bits,
               "dropout_kernel": dropout_kernels.enabled and args.lora_dropout > 0 and device.type == "cuda",
               "vision_adapter": args.vision_adapter, "vision_r": args.vision_lora_r if args.vision_adapter != "none"
@@ -267,6 +305,12 @@ def time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_
               "samples_s_per_gpu": round(args.batch / step_s, 2), "tflops_per_gpu": round(flops / step_s / 1e12, 1),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
               "trainable_m": round(trainable / 1e6, 1), "losses": losses}
+    if planner:
+        fields = planner.fields()
+        result.update(ckpt_layers=planner.n_checkpointed, n_layers=len(planner.layers),
+                      budget_gib=fields["budget_gib"], predicted_act_gib=fields["predicted_activations_gib"],
+                      persistent_gib=None if persistent is None else round(persistent / 2**30, 1),
+                      policy=planner.describe(torch.cuda.max_memory_allocated() if device.type == "cuda" else None))
     if rank == 0:
         print("BENCH " + json.dumps(result), flush=True)
     if args.profile:

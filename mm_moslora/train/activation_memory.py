@@ -294,11 +294,11 @@ class CheckpointingPlanner:
             log.warning("%s layers cannot be checkpointed one by one: the budget chooses between all and none",
                         type(self.layers[0]).__name__)
 
-    def measure(self, inputs: dict, max_rows: int, max_length: int) -> None:
+    def measure(self, inputs: dict, max_rows: int, max_length: int, every_batch_alike: bool = False) -> None:
         """Probe `inputs` (one micro-batch) and predict every policy at the largest micro-batch (max_rows x
-        max_length tokens)."""
+        max_length tokens; `every_batch_alike`: each micro-batch is this one, as in benchmarks: no scaling)."""
         self.profile = measure_activations(self.model, inputs, self.layers)
-        scale = self.profile.scale(max_rows, max_length, self.model.num_image_tokens)
+        scale = None if every_batch_alike else self.profile.scale(max_rows, max_length, self.model.num_image_tokens)
         self.predicted = [self.profile.predicted(c, scale) for c in range(len(self.layers) + 1)]
         self.max_shape = (max_rows, max_length)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -306,9 +306,10 @@ class CheckpointingPlanner:
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
             self.predicted = values.tolist()
         p = self.profile
-        log.info("activations measured on a micro-batch of %d x %d tokens (%d supervised, %d images), scaled to "
-                 "%d x %d tokens: %s with no layer checkpointed, %s with all %d", p.rows, p.length, p.supervised,
-                 p.images, max_rows, max_length, gib(self.predicted[0]), gib(self.predicted[-1]), len(self.layers))
+        log.info("activations measured on a micro-batch of %d x %d tokens (%d supervised, %d images)%s: %s with no "
+                 "layer checkpointed, %s with all %d", p.rows, p.length, p.supervised, p.images,
+                 "" if every_batch_alike else f", scaled to the largest, {max_rows} x {max_length} tokens",
+                 gib(self.predicted[0]), gib(self.predicted[-1]), len(self.layers))
 
     def start(self) -> None:
         if self.budget_gib == "auto":
