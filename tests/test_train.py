@@ -230,12 +230,18 @@ def test_two_ranks_save_the_full_gathered_weights(config, packing, small_demo_da
                 *(["--packing", "True", "--per_device_train_batch_size", "1", "--model_max_length", "384"]
                   if packing else []),
                 *(["--bits", "4"] if config == "zero2" else []),
+                "--activation_memory_budget_gib", "0.01",  # a mixed policy (some layers checkpointed), same on both ranks
                 "--max_steps", "2", "--save_steps", "0", "--output_dir", out], cwd=tmp_path)
     assert f"{SUMMARY} 2 steps" in proc.stdout
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["packing"] is packing and summary["world_size"] == 2
     if packing:  # several samples in each rank's packed row
         assert summary["samples"] > 2 * 2 * 2
+    policy = summary["activation_checkpointing"]  # the fewest checkpointed layers that fit (all when none does)
+    fits = [c for c, gib in enumerate(policy["predicted_gib_by_checkpointed_layers"]) if gib <= 0.01]
+    assert policy["checkpointed_layers"] == (fits[0] if fits else 4)
+    assert f"activation checkpointing: {policy['checkpointed_layers']} of 4 decoder layers" in proc.stdout
+    assert 0 < policy["checkpointed_layers"] < 4 or not packing  # ZeRO-3 + packing: a mixed policy
 
     adapter, projector = (load_file(str(out / name)) for name in INFERENCE_FILES)
     expected_adapter, expected_projector = fresh_trainable_shapes(lora_r=8)
