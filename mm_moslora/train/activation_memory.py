@@ -258,12 +258,11 @@ def free_for_activations(device: torch.device, capacity_bytes: float | None = No
                          "number of GiB")
     torch.cuda.synchronize(device)
     allocated = torch.cuda.memory_allocated(device)
-    if capacity_bytes is None:
-        free, capacity_bytes = torch.cuda.mem_get_info(device)
-        reachable = free + torch.cuda.memory_reserved(device)  # other processes' memory stays theirs
-    else:
-        reachable = capacity_bytes
-    margin = AUTO_MARGIN * capacity_bytes
+    free, total = torch.cuda.mem_get_info(device)
+    reachable = free + torch.cuda.memory_reserved(device)  # other processes' memory stays theirs
+    if capacity_bytes is not None:  # as on a smaller card (never more than this one has)
+        reachable, total = min(reachable, capacity_bytes), capacity_bytes
+    margin = AUTO_MARGIN * total
     budget = reachable - allocated - margin
     return budget, (f"{gib(reachable)} reachable - {gib(allocated)} allocated after the first step - "
                     f"{gib(margin)} margin")
@@ -300,7 +299,6 @@ class CheckpointingPlanner:
         self.profile = measure_activations(self.model, inputs, self.layers)
         scale = None if every_batch_alike else self.profile.scale(max_rows, max_length, self.model.num_image_tokens)
         self.predicted = [self.profile.predicted(c, scale) for c in range(len(self.layers) + 1)]
-        self.max_shape = (max_rows, max_length)
         if dist.is_initialized() and dist.get_world_size() > 1:
             values = torch.tensor(self.predicted, dtype=torch.float64, device=self.device)
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
