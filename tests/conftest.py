@@ -1,7 +1,9 @@
 """Session-wide pytest fixtures (shared by every test file: add new fixtures, keep the others)."""
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,32 @@ def small_demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small_demo_data")
     generate(out, seed=0, n_train=200, n_pretrain=200, n_eval=40, progress=False)
     return out
+
+
+@pytest.fixture
+def recipe_in_process(capsys, caplog):
+    """recipe_in_process(stage, argv) -> CompletedProcess: what `python scripts/<stage>.py ARGV` does (its whole
+    body: parse_args, then mm_moslora.train.recipe.run, whose status the script exits with), run in this process.
+    A script start costs seconds of imports; tests that need the real process (a kill, the exit status, the
+    interpreter's own output) start one. stdout: what the run printed; stderr: what it printed there, then its
+    log records (a subprocess writes them to stderr too)."""
+    from mm_moslora.data.images import allow_images_outside_folder
+    from mm_moslora.train.args import parse_args
+    from mm_moslora.train.recipe import run
+
+    def go(stage: str, argv: list) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in argv]
+        saved_env = dict(os.environ)  # init_distributed sets RANK, MASTER_PORT, ...: not for later subprocesses
+        capsys.readouterr()
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.INFO, logger="mm_moslora"):
+                code = run(parse_args(stage, argv))
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+            allow_images_outside_folder(False)  # a run sets this process-wide rule from its flag: the default again
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([f"scripts/{stage}.py", *argv], code, out, err + caplog.text)
+
+    return go

@@ -94,29 +94,37 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 # ---------------------------------------------------------------- 1. exact resume
-def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(small_demo_data, tmp_path):
-    # With adapters on the vision tower too (dropout on both sides): they resume exactly like the LM's.
-    flags = [*data_flags(small_demo_data), *FAST, "--max_steps", "6", "--save_steps", "2", "--lora_dropout", "0.1",
-             "--report_to", "tensorboard", *VISION_ADAPTER]
-    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    # Both start together: the one to be killed is only needed up to its first checkpoint.
-    reference = start(finetune_cmd(*flags, "--output_dir", reference_dir), tmp_path, "reference")
-    victim = start(finetune_cmd(*flags, "--output_dir", resumed_dir), tmp_path, "victim")
-    latest = resumed_dir / "checkpoints" / "latest"
+def kill_after_first_checkpoint(victim: subprocess.Popen, output_dir: Path) -> None:
+    """SIGKILL `victim` as soon as its first checkpoint is complete (`latest` is written last)."""
+    latest = output_dir / "checkpoints" / "latest"
     deadline = time.time() + TIMEOUT
-    while not latest.is_file():  # killed as soon as its first checkpoint (step 2) is complete
-        assert victim.poll() is None, f"the run ended (exit {victim.returncode}) before its first checkpoint"
+    while not latest.is_file():
+        assert victim.poll() is None, (f"the run ended (exit {victim.returncode}) before its first checkpoint: "
+                                       f"{Path(victim.log_files[1].name).read_text()[-3000:]}")
         assert time.time() < deadline, "no checkpoint in time"
         time.sleep(0.02)
     os.kill(victim.pid, signal.SIGKILL)
     assert finish(victim, expect_ok=False).returncode == -signal.SIGKILL
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(small_demo_data, tmp_path, recipe_in_process):
+    # With adapters on the vision tower too (dropout on both sides): they resume exactly like the LM's.
+    flags = [*data_flags(small_demo_data), *FAST, "--max_steps", "6", "--save_steps", "2", "--lora_dropout", "0.1",
+             "--report_to", "tensorboard", *VISION_ADAPTER]
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    # The killed run is a real process (SIGKILL); resuming it and the uninterrupted reference run the script's
+    # entry point in this process (the same code, without the start-up).
+    kill_after_first_checkpoint(start(finetune_cmd(*flags, "--output_dir", resumed_dir), tmp_path, "victim"),
+                                resumed_dir)
     assert not (resumed_dir / "train_summary.json").exists()
     (resumed_dir / "checkpoints" / "tmp-step-99").mkdir()  # as a save killed midway leaves it
 
-    resumed = run(finetune_cmd(*flags, "--output_dir", resumed_dir), tmp_path, name="resumed")
+    resumed = recipe_in_process("finetune", [*flags, "--output_dir", resumed_dir])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(r"resumed from \S+step-[24] \(step [24]\)", resumed.stderr), resumed.stderr[-3000:]
     assert not (resumed_dir / "checkpoints" / "tmp-step-99").exists()
-    finish(reference)
+    reference = recipe_in_process("finetune", [*flags, "--output_dir", reference_dir])
+    assert reference.returncode == 0 and "resumed from" not in reference.stderr, reference.stderr[-3000:]
 
     for name in (*INFERENCE_FILES, VISION_ADAPTER_FILE):
         expected, got = load_file(str(reference_dir / name)), load_file(str(resumed_dir / name))
