@@ -9,9 +9,6 @@ import base64
 import io
 import json
 import logging
-import os
-import signal
-import time
 from pathlib import Path
 
 import datasets
@@ -27,7 +24,7 @@ from mm_moslora.data.mixture import MIXTURE_FILE, load_mixture, mixture_differen
 from mm_moslora.data.sources import DataValidationError, open_source
 from mm_moslora.model.build import build_tokenizer
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID
-from tests.test_train import FAST, INFERENCE_FILES, SUMMARY, TIMEOUT, finetune_cmd, finish, run, start
+from tests.test_train import FAST, INFERENCE_FILES, SUMMARY, finetune_cmd, kill_after_first_checkpoint, start
 
 N_IMG, MAX_LEN, TEMPLATE = 4, 512, "chat_template"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30),
@@ -321,26 +318,22 @@ def test_mixture_file_errors_are_one_line(tmp_path, text, error):
 
 
 # ---------------------------------------------------------------- training on the mixture, with packing
-def test_a_packed_mixture_of_every_format_trains_and_resumes_exactly(sources, tmp_path):
+def test_a_packed_mixture_of_every_format_trains_and_resumes_exactly(sources, tmp_path, recipe_in_process,
+                                                                   monkeypatch):
     env = {"HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}  # Parquet is converted to Arrow there
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(env["HF_DATASETS_CACHE"]))  # and in this process
     flags = ["--data_mixture", sources["mixture"], "--image_folder", sources["images"], "--skip_bad_samples",
              "--packing", "True", "--model_max_length", "384", *FAST, "--per_device_train_batch_size", "1",
              "--max_steps", "4", "--save_steps", "2", "--lora_dropout", "0.1"]
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    reference = start(finetune_cmd(*flags, "--output_dir", reference_dir), tmp_path, "reference", env)
-    victim = start(finetune_cmd(*flags, "--output_dir", resumed_dir), tmp_path, "victim", env)
-    latest = resumed_dir / "checkpoints" / "latest"
-    deadline = time.time() + TIMEOUT
-    while not latest.is_file():
-        assert victim.poll() is None, f"the run ended (exit {victim.returncode}) before its first checkpoint: " \
-                                      f"{Path(victim.log_files[1].name).read_text()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint in time"
-        time.sleep(0.02)
-    os.kill(victim.pid, signal.SIGKILL)
-    finish(victim, expect_ok=False)
-    resumed = run(finetune_cmd(*flags, "--output_dir", resumed_dir), tmp_path, name="resumed", env=env)
+    # The killed run is a real process; resuming it and the reference run the script's entry point in this one.
+    kill_after_first_checkpoint(start(finetune_cmd(*flags, "--output_dir", resumed_dir), tmp_path, "victim", env),
+                                resumed_dir)
+    resumed = recipe_in_process("finetune", [*flags, "--output_dir", resumed_dir])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and SUMMARY in resumed.stdout
-    finish(reference)
+    reference = recipe_in_process("finetune", [*flags, "--output_dir", reference_dir])
+    assert reference.returncode == 0, reference.stderr[-3000:]
 
     for name in INFERENCE_FILES:
         expected, got = load_file(str(reference_dir / name)), load_file(str(resumed_dir / name))
