@@ -133,16 +133,15 @@ def test_checkpoint_round_trip_and_exports_answer_alike(tmp_path, init, frozen):
             torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_training_keeps_a_frozen_mixer_and_resumes(small_demo_data, tmp_path):
-    """The real recipe: a frozen orthogonal M is saved as it was drawn, also after a resumed run."""
+def test_training_keeps_a_frozen_mixer_and_resumes(small_demo_data, tmp_path, recipe_in_process):
+    """The real recipe (scripts/finetune.py's entry point, in this process): a frozen orthogonal M is saved as it
+    was drawn, also after a resumed run."""
     out = tmp_path / "out"
-    base = [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--data_path",
-            str(small_demo_data / "finetune.json"), "--image_folder", str(small_demo_data / "images"),
+    base = ["--data_path", small_demo_data / "finetune.json", "--image_folder", small_demo_data / "images",
             "--lora_r", "4", "--lora_alpha", "8", "--per_device_train_batch_size", "4", "--report_to", "none",
-            "--mixer_init", "orthogonal", "--freeze_mixer", "--save_steps", "1", "--output_dir", str(out)]
+            "--mixer_init", "orthogonal", "--freeze_mixer", "--save_steps", "1", "--output_dir", out]
     for steps in (2, 3):  # the second run resumes from step 2
-        proc = subprocess.run([*base, "--max_steps", str(steps)], capture_output=True, text=True,
-                              env=subprocess_env(), timeout=300)
+        proc = recipe_in_process("finetune", [*base, "--max_steps", steps])
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr
     config = json.loads((out / "moslora_config.json").read_text())
