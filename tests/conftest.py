@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,13 @@ def recipe_in_process(capsys, caplog):
     from mm_moslora.train.recipe import run
 
     def go(stage: str, argv: list) -> subprocess.CompletedProcess:
+        from deepspeed.utils import logger as deepspeed_logger
+
         argv = [str(a) for a in argv]
         saved_env = dict(os.environ)  # init_distributed sets RANK, MASTER_PORT, ...: not for later subprocesses
+        # DeepSpeed's logger holds the sys.stdout of its import (maybe an earlier test's capture, closed since).
+        streams = [(h, h.setStream(sys.stdout)) for h in deepspeed_logger.handlers
+                   if type(h) is logging.StreamHandler]
         capsys.readouterr()
         caplog.clear()
         try:
@@ -72,6 +78,8 @@ def recipe_in_process(capsys, caplog):
             os.environ.clear()
             os.environ.update(saved_env)
             allow_images_outside_folder(False)  # a run sets this process-wide rule from its flag: the default again
+            for handler, stream in streams:
+                handler.setStream(stream)
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess([f"scripts/{stage}.py", *argv], code, out, err + caplog.text)
 
