@@ -8,8 +8,6 @@ The files are written here in the exact formats those projects save: LLaVA's tra
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from safetensors.torch import save_file
 
 from mm_moslora.model.projector import (ProjectorFileError, build_projector, load_pretrained_projector,
                                         read_pretrained_projector)
-from tests.helpers import REPO_ROOT, subprocess_env
+
 
 VIS, LLM = 16, 32
 
@@ -124,12 +122,13 @@ def test_files_that_are_not_plain_tensors_are_refused_without_unpickling(tmp_pat
         read_pretrained_projector(empty, "mlp2x_gelu")
 
 
-def test_finetune_with_a_projector_that_does_not_fit_exits_2_with_one_line(tmp_path):
+def test_finetune_with_a_projector_that_does_not_fit_exits_2_with_one_line(tmp_path, small_demo_data,
+                                                                         recipe_in_process):
     # The tiny model's projector is 128 -> 128 (vision width -> LM width); this file is 24 -> 128.
     path = write_llava_bin(tmp_path / "mm_projector.bin", source_projector(vis=24, llm=128))
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--pretrain_mm_mlp_adapter",
-                           str(path), "--output_dir", str(tmp_path / "out"), "--report_to", "none"],
-                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = recipe_in_process("finetune", ["--pretrain_mm_mlp_adapter", path, "--output_dir", tmp_path / "out",
+                                          "--report_to", "none", "--data_path", small_demo_data / "finetune.json",
+                                          "--image_folder", small_demo_data / "images"])
     assert proc.returncode == 2, proc.stderr[-3000:]  # bad input (mm_moslora.errors)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
