@@ -67,8 +67,10 @@ def recipe_in_process(capsys, caplog):
         argv = [str(a) for a in argv]
         saved_env = dict(os.environ)  # init_distributed sets RANK, MASTER_PORT, ...: not for later subprocesses
         # DeepSpeed's logger holds the sys.stdout of its import (maybe an earlier test's capture, closed since).
-        streams = [(h, h.setStream(sys.stdout)) for h in deepspeed_logger.handlers
-                   if type(h) is logging.StreamHandler]
+        # (Assigned, not setStream(): that flushes the old stream, which may be closed.)
+        streams = [(h, h.stream) for h in deepspeed_logger.handlers if type(h) is logging.StreamHandler]
+        for handler, _ in streams:
+            handler.stream = sys.stdout
         capsys.readouterr()
         caplog.clear()
         try:
@@ -79,7 +81,7 @@ def recipe_in_process(capsys, caplog):
             os.environ.update(saved_env)
             allow_images_outside_folder(False)  # a run sets this process-wide rule from its flag: the default again
             for handler, stream in streams:
-                handler.setStream(stream)
+                handler.stream = sys.__stdout__ if getattr(stream, "closed", False) else stream
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess([f"scripts/{stage}.py", *argv], code, out, err + caplog.text)
 
