@@ -15,6 +15,18 @@ if not torch.cuda.is_available():
     # GPU. The variable is read when Triton decorates its kernels, so it must be set before anything imports it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# scripts/run_tests.sh runs the suite on every core with pytest-xdist, each module whole on one worker (its module
+# fixtures are built once) in collection order. These modules take a minute or more on 2 cores: they start first,
+# so that the workers finish together instead of one running a long module alone at the end.
+LONGEST_MODULES_FIRST = ("test_compare_adapters.py", "test_demo.py", "test_train.py", "test_bad_input.py",
+                         "test_lmms_eval_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # an xdist worker (its collection is the schedule); one process: file order
+        rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
