@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import open_clip
 import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -36,7 +35,7 @@ from ..data.collate import collate
 from ..data.conversation import tokenize_conversation
 from ..data.images import ImageProcessor
 from .build import TINY_DIR, build_tokenizer
-from .vision import TINY_VISION_NAME, VisionTower, register_tiny_config
+from .vision import TINY_VISION_NAME, VisionTower, open_clip, register_tiny_config
 
 PRETRAINED_DIR = TINY_DIR / "pretrained"
 LM_DIR = PRETRAINED_DIR / "lm"

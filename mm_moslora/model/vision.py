@@ -7,11 +7,27 @@ where entry 0 is the embedding output and entry i the output of block i, so -1 i
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import open_clip
 import torch
 from torch import nn
+
+
+def _import_open_clip():
+    """open_clip imports timm, whose training utilities import wandb when it is installed (lmms-eval installs it):
+    about 2 s of every command's start, for a logger nothing here uses. wandb is hidden during that import only."""
+    if "wandb" not in sys.modules:
+        sys.modules["wandb"] = None  # `import wandb` raises ImportError: timm then goes on as without wandb
+        try:
+            import open_clip
+        finally:
+            del sys.modules["wandb"]  # a later `import wandb` (the user's) works as usual
+    import open_clip
+    return open_clip
+
+
+open_clip = _import_open_clip()
 
 TINY_VISION_NAME = "mm-tiny-vit"
 _TINY_DIR = Path(__file__).parent / "tiny"
