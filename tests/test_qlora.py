@@ -6,7 +6,6 @@ before anything loads, in one line.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from mm_moslora.model.build import build_model, weights_fingerprint  # noqa: E40
 from mm_moslora.model.mm_model import IMAGE_TOKEN_ID  # noqa: E402
 from mm_moslora.model.quantize import (QuantizationError, check_quantized_training, count_quantized,  # noqa: E402
                                        dequantize_linears, quantize_linears)
-from tests.helpers import REPO_ROOT, make_images, single_thread, subprocess_env  # noqa: E402
+from tests.helpers import REPO_ROOT, make_images, single_thread  # noqa: E402
 
 MAX_NEW = 8
 CPU = torch.device("cpu")
@@ -168,26 +167,21 @@ def test_impossible_combinations_are_refused_in_one_line_before_loading(tmp_path
     with pytest.raises(QuantizationError, match=r"cannot run 4-bit layers on meta here"):
         check_quantized_training(4, "nf4", torch.device("meta"), zero_stage=2)
     check_quantized_training(16, "nf4", torch.device("meta"), zero_stage=3)  # nothing quantized: nothing to refuse
+    # As a user (scripts/finetune.py's entry point; tests/test_train.py runs the command itself for a refused
+    # --deepspeed file): the ZeRO-3 refusal comes before the (here missing) model is looked at, in one line.
+    common = ["--model_name_or_path", tmp_path / "no_such_model", "--output_dir", tmp_path / "out", "--report_to",
+              "none", "--bits", "4"]
+    runs = [(recipe_in_process("finetune", [*common, "--deepspeed", REPO_ROOT / "deepspeed_configs" / "zero3.json"]),
+             "with ZeRO-3")]
+
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it
     with pytest.raises(QuantizationError, match=r"--bits 8 needs bitsandbytes, which is not installed here: "
                                                 r"pip install 'mm_moslora\[quant\]'"):
         check_quantized_training(8, "nf4", CPU, zero_stage=2)
-
-    # As a user: the ZeRO-3 refusal comes before the (here missing) model is looked at, from the real command (its
-    # exit status); a machine without bitsandbytes (still stubbed out of sys.modules above) gets one line naming
-    # it, from the same entry point in this process meanwhile.
-    script = str(REPO_ROOT / "scripts" / "finetune.py")
-    common = ["--model_name_or_path", str(tmp_path / "no_such_model"), "--output_dir", str(tmp_path / "out"),
-              "--report_to", "none", "--bits", "4"]
-    zero3 = subprocess.Popen([sys.executable, script, *common, "--deepspeed",
-                              str(REPO_ROOT / "deepspeed_configs" / "zero3.json")], env=subprocess_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    no_bnb = recipe_in_process("finetune", common)
-    _, stderr = zero3.communicate(timeout=300)
-    for (code, stderr), expected in zip(((zero3.returncode, stderr), (no_bnb.returncode, no_bnb.stderr)),
-                                        ("with ZeRO-3", "needs bitsandbytes, which is not installed here")):
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    runs.append((recipe_in_process("finetune", common), "needs bitsandbytes, which is not installed here"))
+    for proc, expected in runs:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert expected in errors[0] and "no_such_model" not in errors[0], errors[0]
 
 
