@@ -1,9 +1,10 @@
 """The training recipe end to end on the tiny model (CPU): exact resume after SIGKILL, crash-safe checkpoints,
 ZeRO-3 on two ranks, command-line errors, and the outputs of a run.
 
-Most tests start scripts/pretrain.py or scripts/finetune.py as a subprocess, exactly as a user would; the
-rest call mm_moslora.train's functions directly. Starting a script costs seconds of imports, so subprocesses
-run one torch thread each and, where a test needs two independent runs, both at once (two cores).
+Starting a script costs seconds of imports, so the real command (a subprocess, one torch thread) runs where the
+process itself is tested: a run killed with SIGKILL, two ranks through the `deepspeed` launcher, exit statuses and
+error output; training runs that only need the recipe run the scripts' entry point in this process
+(recipe_in_process in tests/conftest.py), some meanwhile; the rest call mm_moslora.train's functions directly.
 """
 from __future__ import annotations
 
