@@ -149,3 +149,12 @@ def mixed_requests(images) -> list[Request]:
                              {"role": "assistant", "content": "A picture."},
                              {"role": "user", "content": "Tell me more."}], [images[3]]))
     return requests
+
+
+def adapter_reference(layer, x, h):
+    """The MoSLoRA formula written out: W·x + b + s·B(M(A·h)), h being x after the dropout mask (tests compare the
+    layer's training path with it)."""
+    down = h @ layer.lora_A.t()
+    if layer.lora_M is not None:
+        down = down @ layer.lora_M.t()
+    return x @ layer.base.weight.t() + layer.base.bias + layer.scaling * (down @ layer.lora_B.t())

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_moslora.adapters.moslora import MoSLoRALinear
+from tests.helpers import adapter_reference
 
 
 @pytest.mark.parametrize("adapter", ["moslora", "lora"])
@@ -29,11 +30,7 @@ def test_fast_path_matches_reference_formula(adapter, p, fuse_base, monkeypatch)
     grads = torch.autograd.grad(y, params, upstream)
 
     torch.manual_seed(123)  # the reference draws the same dropout mask
-    h = F.dropout(x, p, True) if p > 0 else x
-    ref_h = h @ layer.lora_A.t()
-    if layer.lora_M is not None:
-        ref_h = ref_h @ layer.lora_M.t()
-    ref = x @ base.weight.t() + base.bias + layer.scaling * (ref_h @ layer.lora_B.t())
+    ref = adapter_reference(layer, x, F.dropout(x, p, True) if p > 0 else x)
     ref_grads = torch.autograd.grad(ref, params, upstream)
 
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

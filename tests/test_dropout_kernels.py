@@ -5,13 +5,13 @@ The kernels run here in Triton's CPU interpreter (TRITON_INTERPRET=1 before Trit
 set by tests/conftest.py); on a GPU they compile for real (benchmarks/check_fast_paths.py checks them there)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 pytest.importorskip("triton")
 
 from mm_moslora.adapters import dropout_kernels as dk  # noqa: E402
 from mm_moslora.adapters.moslora import MoSLoRALinear  # noqa: E402
+from tests.helpers import adapter_reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -110,10 +110,7 @@ def test_adapter_training_path_through_the_kernels_matches_reference(adapter, fu
     grads = torch.autograd.grad(y, params, upstream)
 
     mask = dk.dropout_mask((21, 40), SEED, p, "cpu").reshape(3, 7, 40)
-    ref_h = (x * mask) @ layer.lora_A.t()
-    if layer.lora_M is not None:
-        ref_h = ref_h @ layer.lora_M.t()
-    ref = x @ base.weight.t() + base.bias + layer.scaling * (ref_h @ layer.lora_B.t())
+    ref = adapter_reference(layer, x, x * mask)
     ref_grads = torch.autograd.grad(ref, params, upstream)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     for name, got, want in zip(["x", "A", "B", "M"], grads, ref_grads):
