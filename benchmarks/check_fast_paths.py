@@ -7,8 +7,9 @@ A variant is a name and the flags of scripts/finetune.py that turn its fast path
 every fast path off. To check a new fast path, add its flag to train/args.py, apply it in
 `mm_moslora.train.recipe.apply_fast_kernels` (which this script calls, as training does) and add one Variant here.
 `--stage2-flags "..."` adds flags to every stage-2 run (e.g. "--lora_dropout 0.05": the demo trains without
-dropout). The adapters' dropout kernels (adapters/dropout_kernels.py) have no flag: every run here uses them
-where dropout is on (the maths part: p = 0.05, the same masks in every variant).
+dropout). The adapters' dropout kernels (--use_dropout_kernel, default auto) stay on in every variant, PLAIN
+included, so the maths part (p = 0.05) sees the same masks everywhere: they draw another random stream than torch's
+dropout, so they are checked against the formulas with their own mask by benchmarks/check_dropout_kernels.py.
 
 1. Maths (one process per variant: Liger patches an LM family's RoPE process-wide). The loss and the gradient of
    every trainable tensor (MoSLoRA A, M, B with dropout 0.05, non-zero B; the projector) on one batch with images,
@@ -144,7 +145,7 @@ def maths_child(variant: Variant, out: Path, dry_run: bool = False) -> None:
             grads = torch.autograd.grad(loss, [p for _, p in named])
             results[f"{name}/{str(dtype).removeprefix('torch.')}"] = {
                 "loss": loss.item(), "grads": {n: g.float().cpu() for (n, _), g in zip(named, grads)},
-                "liger": decision.describe()}
+                "liger": decision.liger.describe(), "dropout_kernel": decision.dropout_kernel}
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -20,6 +20,7 @@ def interpreter(monkeypatch):
     if not torch.cuda.is_available() and not dk.interpreting():
         pytest.skip("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     monkeypatch.setattr(dk, "allow_cpu_interpreter", True)
+    monkeypatch.setattr(dk, "enabled", True)  # an in-process training run with --use_dropout_kernel false sets it
 
 
 SEED = (1 << 61) + 12345
@@ -134,3 +135,48 @@ def test_checkpoint_recompute_draws_the_same_mask():
     torch.manual_seed(100)  # and a different RNG state gives another mask, so the check above can fail
     other = torch.autograd.grad(layer(x).square().sum(), [layer.lora_A])[0]
     assert not torch.allclose(other, results[0][1])
+
+
+def test_use_dropout_kernel_flag_sets_the_switch_and_refuses_true_without_cuda(monkeypatch, capsys):
+    from mm_moslora.errors import InputError
+    from mm_moslora.train.args import parse_args
+    from mm_moslora.train.resume import resume_differences
+
+    assert parse_args("finetune", []).use_dropout_kernel == "auto"
+    assert parse_args("finetune", ["--use_dropout_kernel", "False"]).use_dropout_kernel == "false"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args("finetune", ["--use_dropout_kernel", "maybe"])
+    assert exit_info.value.code == 2 and "invalid choice: 'maybe'" in capsys.readouterr().err
+    assert "off" not in dk.configure("auto", torch.device("cpu")) and dk.enabled
+    assert "no CUDA device" in dk.configure("auto", torch.device("cpu"))
+    assert "false" in dk.configure("false", torch.device("cpu")) and not dk.enabled
+    with pytest.raises(InputError, match=r"^--use_dropout_kernel true: no CUDA device"):
+        dk.configure("true", torch.device("cpu"))
+    monkeypatch.setattr(dk, "triton", None)
+    with pytest.raises(InputError, match="Triton is not installed"):
+        dk.configure("true", torch.device("cuda"))
+    assert dk.configure("auto", torch.device("cuda")).startswith("auto: torch dropout, Triton is not installed")
+    # Same maths, another random stream: resuming with it changed is allowed, as with the attention kernel.
+    recorded, current = {"use_dropout_kernel": "false", "lora_r": 8}, {"use_dropout_kernel": "auto", "lora_r": 8}
+    assert resume_differences(recorded, current, defaults={}) == []
+
+
+def test_use_dropout_kernel_true_on_the_cpu_is_one_line_before_the_model_loads(tmp_path, capsys):
+    import os
+
+    from mm_moslora.train.args import parse_args
+    from mm_moslora.train.recipe import run
+
+    saved_env = dict(os.environ)  # init_distributed sets RANK, MASTER_PORT, ...
+    try:
+        code = run(parse_args("finetune", ["--model_name_or_path", str(tmp_path / "no_such_model"),
+                                           "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+                                           "--use_dropout_kernel", "true"]))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: --use_dropout_kernel true: no CUDA device"), errors[0]
+    assert "no_such_model" not in err and not (tmp_path / "out" / "train_summary.json").exists()

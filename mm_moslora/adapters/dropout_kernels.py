@@ -20,14 +20,17 @@ import os
 
 import torch
 
+from ..errors import InputError
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # an optional speed-up: without Triton the torch path runs
     triton = None
 
-# Set False to force the torch path (benchmarks compare both in one process).
+# Set False to force the torch path (`--use_dropout_kernel false`; benchmarks compare both in one process).
 enabled = True
+CHOICES = ("auto", "true", "false")
 # On the CPU the kernels run only under Triton's interpreter and only when asked (tests): it is slow, and the
 # torch path's dropout stream is what CPU users' runs are reproduced with.
 allow_cpu_interpreter = False
@@ -47,6 +50,22 @@ def usable(x: torch.Tensor, weight: torch.Tensor, p: float) -> bool:
     if x.numel() >= _MAX_ELEMENTS:
         return False
     return x.is_cuda or (x.device.type == "cpu" and allow_cpu_interpreter and interpreting())
+
+
+def configure(choice: str, device: torch.device) -> str:
+    """--use_dropout_kernel: `auto` = these kernels wherever they can run (CUDA with Triton), `true` = the same but
+    an error (InputError) where they cannot, `false` = torch's dropout. Sets `enabled`; returns the decision."""
+    if choice not in CHOICES:
+        raise InputError(f"--use_dropout_kernel {choice!r}: choose one of {', '.join(CHOICES)}")
+    reason = ("Triton is not installed" if triton is None else
+              None if device.type == "cuda" else f"no CUDA device (the run is on {device.type})")
+    if choice == "true" and reason:
+        raise InputError(f"--use_dropout_kernel true: {reason}, and the fused dropout kernels are Triton GPU kernels")
+    global enabled
+    enabled = choice != "false"
+    if choice == "false":
+        return "--use_dropout_kernel false (torch dropout)"
+    return f"{choice}: {'torch dropout, ' + reason if reason else 'Triton ' + triton.__version__ + ', CUDA'}"
 
 
 def draw_seed(device: torch.device) -> int:

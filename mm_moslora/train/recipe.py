@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..adapters import AdapterConfig, format_parameter_report, inject_adapters
+from ..adapters import AdapterConfig, dropout_kernels, format_parameter_report, inject_adapters
 from ..checkpoint import config_for_model, save_inference_files
 from ..data.collate import collate, collate_packed, epoch_batches, packed_epoch_batches
 from ..data.dataset import InstructionDataset
@@ -114,14 +114,24 @@ def add_vision_adapter(model, args: argparse.Namespace, llm_config: AdapterConfi
     return config
 
 
-def apply_fast_kernels(model, args: argparse.Namespace, device: torch.device) -> LigerDecision:
-    """The fused kernels the flags ask for (--use_liger_kernel), applied last: on the module tree that trains, with
-    adapters, quantized layers and attention in place. Returns the Liger decision (for the log and the summary).
+@dataclasses.dataclass(frozen=True)
+class FastKernels:
+    """What apply_fast_kernels chose, with reasons (for the log and the run's summary)."""
+    liger: LigerDecision
+    dropout_kernel: str
+
+
+def apply_fast_kernels(model, args: argparse.Namespace, device: torch.device) -> FastKernels:
+    """The fused kernels the flags ask for (--use_liger_kernel, --use_dropout_kernel), applied last: on the module
+    tree that trains, with adapters, quantized layers and attention in place; returns what was chosen and why.
     benchmarks/check_fast_paths.py calls this too, so each fast path it compares is the one training runs."""
+    dropout = dropout_kernels.configure(args.use_dropout_kernel, device)
+    log.info("adapter dropout kernels: %s", dropout)
     liger = resolve_use_liger_kernel(args.use_liger_kernel, device, model.llm.config.model_type)
     if liger.on:
         apply_liger_kernel(model)
-    return liger
+    log.info("Liger Kernel: %s", liger.describe())
+    return FastKernels(liger, dropout)
 
 
 def quantization_fields(args: argparse.Namespace, dtype: torch.dtype) -> dict:
@@ -161,6 +171,7 @@ def train(args: argparse.Namespace) -> dict:
                              early_ds_config.get("zero_optimization", {}).get("stage", 0), args.deepspeed)
     # And --use_liger_kernel true without CUDA or liger-kernel (the LM's family is checked once it is built).
     resolve_use_liger_kernel(args.use_liger_kernel, device, model_type=None)
+    dropout_kernels.configure(args.use_dropout_kernel, device)  # and --use_dropout_kernel true without them
     if args.activation_memory_budget_gib == "auto" and device.type != "cuda":
         free_for_activations(device)  # refuses: `auto` reads a GPU's memory
     torch.manual_seed(args.seed)
@@ -214,8 +225,8 @@ def train(args: argparse.Namespace) -> dict:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if vision_adapter_config is not None or args.unfreeze_mm_vision_tower:  # activations kept for backward
             model.vision.set_gradient_checkpointing(True)
-    liger = apply_fast_kernels(model, args, device)
-    log.info("Liger Kernel: %s", liger.describe())
+    fast_kernels = apply_fast_kernels(model, args, device)
+    liger = fast_kernels.liger
     log.info(format_parameter_report(model))
 
     # Data: every source validated up front (exact token lengths come out of it), tokenized lazily.
@@ -417,6 +428,7 @@ def train(args: argparse.Namespace) -> dict:
                "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                "skipped_images": state["skipped_images"], "skipped_steps": state["skipped_steps"],
                "dropped_records": mixture.n_bad, "packing": args.packing, "liger_kernel": liger.describe(),
+               "dropout_kernel": fast_kernels.dropout_kernel,
                "activation_checkpointing": planner.fields() if planner else None,
                "output_dir": str(out_dir)}
     if rank == 0:
