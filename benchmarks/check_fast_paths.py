@@ -7,7 +7,7 @@ A variant is a name and the flags of scripts/finetune.py that turn its fast path
 every fast path off. To check a new fast path, add its flag to train/args.py, apply it in
 `mm_moslora.train.recipe.apply_fast_kernels` (which this script calls, as training does) and add one Variant here.
 `--stage2-flags "..."` adds flags to every stage-2 run (e.g. "--lora_dropout 0.05": the demo trains without
-dropout). The adapters' dropout kernels (--use_dropout_kernel, default auto) stay on in every variant, PLAIN
+dropout). The adapters' dropout kernels (--use_dropout_kernel, default false) are the same in every variant, PLAIN
 included, so the maths part (p = 0.05) sees the same masks everywhere: they draw another random stream than torch's
 dropout, so they are checked against the formulas with their own mask by benchmarks/check_dropout_kernels.py.
 

@@ -146,7 +146,7 @@ def main():
                     "(e.g. 80 or 40 on a larger card, for a peak <= 80 / 40 GiB regime)")
     ap.add_argument("--checkpoint_layers", type=int, metavar="K", help="a fixed policy: checkpoint the first K "
                     "decoder layers (and the tower's blocks when K > 0), to measure each policy's speed and memory")
-    ap.add_argument("--dropout_kernel", default="on", choices=["on", "off", "both"],
+    ap.add_argument("--dropout_kernel", default="off", choices=["on", "off", "both"],
                     help="the adapter's dropout inside Triton matmuls (adapters/dropout_kernels.py) or torch ops; "
                     "both: each batch size timed both ways on the same model, alternating")
     ap.add_argument("--use_liger_kernel", default="auto", choices=["auto", "true", "false"],

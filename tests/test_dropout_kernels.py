@@ -142,7 +142,7 @@ def test_use_dropout_kernel_flag_sets_the_switch_and_refuses_true_without_cuda(m
     from mm_moslora.train.args import parse_args
     from mm_moslora.train.resume import resume_differences
 
-    assert parse_args("finetune", []).use_dropout_kernel == "auto"
+    assert parse_args("finetune", []).use_dropout_kernel == "false"
     assert parse_args("finetune", ["--use_dropout_kernel", "False"]).use_dropout_kernel == "false"
     with pytest.raises(SystemExit) as exit_info:
         parse_args("finetune", ["--use_dropout_kernel", "maybe"])

@@ -132,11 +132,12 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                    help="Liger Kernel's fused RoPE, RMSNorm, SwiGLU/GeGLU and linear cross-entropy (pip install "
                         "'mm_moslora[speed]'); auto = on with a CUDA device, liger-kernel installed and an LM family "
                         "it supports; true where it cannot run is an error")
-    t.add_argument("--use_dropout_kernel", type=str.lower, nargs="?", const="true", default="auto",
+    t.add_argument("--use_dropout_kernel", type=str.lower, nargs="?", const="true", default="false",
                    choices=["auto", "true", "false"],
                    help="the adapters' dropout drawn inside Triton matmuls (no dropped-out copy of the input is "
                         "written; same maths, another random stream than torch's dropout); auto = on with a CUDA "
-                        "device and Triton; true where it cannot run is an error")
+                        "device and Triton; true where it cannot run is an error. Default false: slower than "
+                        "torch's path at LLaVA-7B's shape on an H100 (docs/benchmarks.md)")
     flag("--bf16", False)
     flag("--fp16", False)
     flag("--tf32", False)
