@@ -181,6 +181,8 @@ class MoSLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+        if p > 0 and not self.merged and torch.is_grad_enabled() and torch.compiler.is_compiling():
+            return self._traced_forward(x, p)
         if torch.is_grad_enabled() and self._can_fuse_base(x):
             # Base layer inside the branch: its input gradient and the adapter's come out of one GEMM.
             return LowRankBranch.apply(x, None, self.base.weight, self.base.bias, self.lora_A, self.lora_M,
@@ -198,6 +200,19 @@ class MoSLoRALinear(nn.Module):
         h = F.linear(h * self.scaling, self.lora_B)    # scale the r-wide tensor, cheaper than the d_out-wide one
         # Back to the base output's dtype (x's dtype, except under autocast where both follow the autocast dtype).
         return y + h.to(y.dtype)
+
+    def _traced_forward(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """The same maths in plain differentiable ops, for torch.compile (`--torch_compile`) with dropout on.
+
+        LowRankBranch replays its dropout mask in backward from a saved RNG state (torch.get_rng_state), which
+        dynamo cannot trace: every adapter would be a graph break. Here the compiler sees the whole branch, derives
+        its backward and fuses the dropout, scaling and casts into neighbouring kernels (the mask comes from
+        inductor's own random stream). With dropout off LowRankBranch traces as it is, so it is used there.
+        """
+        y = self.base(x)
+        A_eff = self.lora_A if self.lora_M is None else self.lora_M @ self.lora_A  # fold M once, as LowRankBranch
+        h = F.linear(F.dropout(x.to(self.lora_A.dtype), p, True), A_eff)           # (..., r)
+        return y + F.linear(h * self.scaling, self.lora_B).to(y.dtype)
 
     def _can_fuse_base(self, x: torch.Tensor) -> bool:
         """The frozen base can be computed inside LowRankBranch: a plain nn.Linear whose weight is a whole,

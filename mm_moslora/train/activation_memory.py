@@ -227,7 +227,9 @@ def measure_activations(model: nn.Module, inputs: dict, layers: list[nn.Module])
         if hasattr(model.llm, "get_decoder"):
             handles.append(model.llm.get_decoder().register_forward_hook(after_decoder))
         devices = [ids.device] if ids.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+        # Eager even where the layers are compiled (--torch_compile): the hooks note tensors one by one, and the
+        # probe must not leave compiled graphs of its own behind. What it measures is the eager layers' activations.
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.compiler.set_stance("force_eager"), \
                 torch.autograd.graph.saved_tensors_hooks(pack, _unpack_never):
             model(**inputs)
     finally:

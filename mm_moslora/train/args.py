@@ -138,6 +138,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                         "written; same maths, another random stream than torch's dropout); auto = on with a CUDA "
                         "device and Triton; true where it cannot run is an error. Default false: slower than "
                         "torch's path at LLaVA-7B's shape on an H100 (docs/benchmarks.md)")
+    flag("--torch_compile", False, "compile each decoder layer of the LM with torch.compile (inductor), after the "
+         "adapters, Liger and checkpointing are in place; the first steps are slower (compilation). Not with --bits "
+         "4/8, ZeRO-3, --packing or --use_dropout_kernel true")
     flag("--bf16", False)
     flag("--fp16", False)
     flag("--tf32", False)

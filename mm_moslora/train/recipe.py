@@ -45,6 +45,7 @@ from .checkpoint import (check_step_folder, latest_checkpoint, load_training_che
 from .ds_config import load_deepspeed_config
 from .engine import build_engine, model_inputs, train_micro_step
 from .resume import check_resume_flags, training_record
+from .torch_compile import check_torch_compile, compile_decoder_layers
 
 log = logging.getLogger("mm_moslora.train")
 
@@ -119,19 +120,27 @@ class FastKernels:
     """What apply_fast_kernels chose, with reasons (for the log and the run's summary)."""
     liger: LigerDecision
     dropout_kernel: str
+    torch_compile: str = "off"
 
 
 def apply_fast_kernels(model, args: argparse.Namespace, device: torch.device) -> FastKernels:
-    """The fused kernels the flags ask for (--use_liger_kernel, --use_dropout_kernel), applied last: on the module
-    tree that trains, with adapters, quantized layers and attention in place; returns what was chosen and why.
-    benchmarks/check_fast_paths.py calls this too, so each fast path it compares is the one training runs."""
+    """The fused kernels the flags ask for (--use_liger_kernel, --use_dropout_kernel, --torch_compile), applied
+    last: on the module tree that trains, with adapters, quantized layers, attention and activation checkpointing in
+    place; returns what was chosen and why. benchmarks/check_fast_paths.py calls this too, so each fast path it
+    compares is the one training runs. The compiler comes after Liger, so that it traces Liger's kernels."""
     dropout = dropout_kernels.configure(args.use_dropout_kernel, device)
     log.info("adapter dropout kernels: %s", dropout)
     liger = resolve_use_liger_kernel(args.use_liger_kernel, device, model.llm.config.model_type)
     if liger.on:
         apply_liger_kernel(model)
     log.info("Liger Kernel: %s", liger.describe())
-    return FastKernels(liger, dropout)
+    compiled = "off"
+    if args.torch_compile:
+        compiled = compile_decoder_layers(model.llm)
+        if dropout_kernels.enabled:
+            dropout += " (the vision tower's adapters only: the compiled LM layers draw their own dropout)"
+    log.info("torch.compile of the decoder layers: %s", compiled)
+    return FastKernels(liger, dropout, compiled)
 
 
 def quantization_fields(args: argparse.Namespace, dtype: torch.dtype) -> dict:
@@ -172,6 +181,10 @@ def train(args: argparse.Namespace) -> dict:
     # And --use_liger_kernel true without CUDA or liger-kernel (the LM's family is checked once it is built).
     resolve_use_liger_kernel(args.use_liger_kernel, device, model_type=None)
     dropout_kernels.configure(args.use_dropout_kernel, device)  # and --use_dropout_kernel true without them
+    # And --torch_compile with what it cannot be combined with.
+    check_torch_compile(args.torch_compile, bits=args.bits, packing=args.packing,
+                        zero_stage=early_ds_config.get("zero_optimization", {}).get("stage", 0),
+                        dropout_kernel=args.use_dropout_kernel)
     if args.activation_memory_budget_gib == "auto" and device.type != "cuda":
         free_for_activations(device)  # refuses: `auto` reads a GPU's memory
     torch.manual_seed(args.seed)
@@ -428,7 +441,7 @@ def train(args: argparse.Namespace) -> dict:
                "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                "skipped_images": state["skipped_images"], "skipped_steps": state["skipped_steps"],
                "dropped_records": mixture.n_bad, "packing": args.packing, "liger_kernel": liger.describe(),
-               "dropout_kernel": fast_kernels.dropout_kernel,
+               "dropout_kernel": fast_kernels.dropout_kernel, "torch_compile": fast_kernels.torch_compile,
                "activation_checkpointing": planner.fields() if planner else None,
                "output_dir": str(out_dir)}
     if rank == 0:

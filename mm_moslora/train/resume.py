@@ -27,7 +27,7 @@ MAY_CHANGE = frozenset({
     "num_train_epochs", "max_steps", "total_steps", "save_steps", "save_strategy", "save_total_limit",
     "logging_steps", "report_to", "output_dir", "resume", "local_rank", "dataloader_num_workers", "deepspeed",
     "attn_implementation", "gradient_checkpointing", "activation_memory_budget_gib", "tf32", "use_liger_kernel",
-    "use_dropout_kernel",
+    "use_dropout_kernel", "torch_compile",
     "lazy_preprocess",
     "trust_remote_code",
     "allow_images_outside_folder",  # the data is validated again either way
