@@ -62,6 +62,11 @@ def compile_decoder_layers(llm: torch.nn.Module, backend: str | None = None) -> 
     included); returns what was done, for the log and the run's summary. Compilation happens at the first step."""
     layers = decoder_layers(llm)
     backend = backend or BACKEND
+    # transformers' attention routes hub kernels through a context variable it sets and resets around each call: a
+    # side effect inside a checkpointed region that dynamo refuses to trace (a graph break that leaves the whole
+    # layer eager) unless told that recomputation need not replay it (torchtitan sets the same). Process-wide.
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in layers:
         layer.compile(backend=backend)
     return f"on ({len(layers)} {type(layers[0]).__name__} layers, backend {backend}, torch {torch.__version__})"
