@@ -114,17 +114,20 @@ def test_inductor_compiles_an_adapter_to_the_plain_outputs_and_gradients(fresh_d
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_finetune_trains_with_compiled_layers(small_demo_data, tmp_path, recipe_in_process, monkeypatch,
-                                              fresh_dynamo):
+@pytest.mark.parametrize("checkpointing", [["--gradient_checkpointing"], ["--activation_memory_budget_gib", "0.4"]],
+                         ids=["all_layers", "budget"])
+def test_finetune_trains_with_compiled_layers(checkpointing, small_demo_data, tmp_path, recipe_in_process,
+                                              monkeypatch, fresh_dynamo):
     """The recipe end to end under ZeRO-2 (the default config), checkpointing and dropout on: the compile decision
-    is logged and in the summary, the layers really ran compiled (graphs, no break) and the loss is finite."""
+    is logged and in the summary, the layers really ran compiled (graphs, no break) and the loss is finite. With a
+    budget the planner probes the layers eagerly (set_stance force_eager) and checkpoints only some of them."""
     monkeypatch.setattr(torch_compile, "BACKEND", "aot_eager")
     out = tmp_path / "out"
     proc = recipe_in_process("finetune", [
         "--data_path", small_demo_data / "finetune.json", "--image_folder", small_demo_data / "images",
         "--output_dir", out, "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
         "--per_device_train_batch_size", "4", "--max_steps", "3", "--save_steps", "0", "--report_to", "none",
-        "--gradient_checkpointing", "--torch_compile"])
+        *checkpointing, "--torch_compile"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["torch_compile"].startswith("on (4 LlamaDecoderLayer layers, backend aot_eager"), summary
@@ -132,6 +135,8 @@ def test_finetune_trains_with_compiled_layers(small_demo_data, tmp_path, recipe_
     assert "torch.compile of the decoder layers: on" in proc.stderr
     counters = compile_counters()
     assert counters["graph_breaks"] == 0 and counters["unique_graphs"] >= 1, counters
+    if "--activation_memory_budget_gib" in checkpointing:  # some layers checkpointed, some not: both graphs ran
+        assert 0 < summary["activation_checkpointing"]["checkpointed_layers"] < 4, summary
 
 
 @pytest.mark.parametrize("flags, reason", [
