@@ -8,6 +8,9 @@
     # Liger Kernel (on by default on a GPU with liger-kernel installed) against the plain kernels: one process each,
     # since Liger patches the LM family's RoPE process-wide
     python scripts/benchmark_train.py --use_liger_kernel true; python scripts/benchmark_train.py --use_liger_kernel false
+    # torch.compile of each decoder layer (scripts/finetune.py --torch_compile) against the eager layers; more warmup
+    # steps, since the first ones compile
+    python scripts/benchmark_train.py --adapter moslora --batch 8 --text-tokens 448 --use_liger_kernel true --torch_compile
     # memory regimes: the fewest checkpointed decoder layers that fit a peak of 80 / 40 GiB (on any larger card)
     python scripts/benchmark_train.py --activation_memory_budget_gib auto --memory_limit_gib 80
     python scripts/benchmark_train.py --checkpoint_layers 12      # a fixed policy: the first 12 of 32 layers
@@ -46,6 +49,7 @@ import torch  # noqa: E402
 
 from mm_moslora.adapters import AdapterConfig, dropout_kernels, inject_adapters  # noqa: E402
 from mm_moslora.data.collate import collate, collate_packed, epoch_batches, packed_epoch_batches  # noqa: E402
+from mm_moslora.errors import InputError  # noqa: E402
 from mm_moslora.model import packed_attention  # noqa: E402
 from mm_moslora.model.build import TINY_DIR, build_model  # noqa: E402
 from mm_moslora.model.fused_kernels import LigerKernelError, apply_liger_kernel, resolve_use_liger_kernel  # noqa: E402
@@ -55,6 +59,7 @@ from mm_moslora.train.activation_memory import CheckpointingPlanner  # noqa: E40
 from mm_moslora.train.args import budget_gib  # noqa: E402
 from mm_moslora.train.engine import MODEL_INPUTS, build_engine, model_inputs, train_micro_step  # noqa: E402
 from mm_moslora.train.recipe import init_distributed  # noqa: E402
+from mm_moslora.train.torch_compile import check_torch_compile, compile_counters, compile_decoder_layers  # noqa: E402
 
 LLM_PRESETS = {
     "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -152,6 +157,9 @@ def main():
     ap.add_argument("--use_liger_kernel", default="auto", choices=["auto", "true", "false"],
                     help="Liger Kernel's fused kernels, as scripts/finetune.py --use_liger_kernel (auto: on with CUDA, "
                          "liger-kernel installed and a supported LM)")
+    ap.add_argument("--torch_compile", action="store_true",
+                    help="compile each decoder layer, as scripts/finetune.py --torch_compile (after Liger); the BENCH "
+                         "line then counts dynamo's graph breaks and graphs")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--deepspeed", default=str(Path(__file__).resolve().parent.parent / "deepspeed_configs" / "zero2.json"))
     ap.add_argument("--profile", metavar="DIR", help="after timing, profile one more step with torch.profiler and "
@@ -170,6 +178,12 @@ def main():
         ap.error("--memory_limit_gib goes with --activation_memory_budget_gib auto")
     if args.activation_memory_budget_gib == "auto" and args.warmup < 1:
         ap.error("--activation_memory_budget_gib auto decides after the first step: --warmup must be >= 1")
+    try:
+        check_torch_compile(args.torch_compile, bits=args.bits, packing=args.packing != "off",
+                            zero_stage=json.loads(Path(args.deepspeed).read_text()).get("zero_optimization", {})
+                            .get("stage", 0), dropout_kernel="true" if args.dropout_kernel != "off" else "false")
+    except InputError as err:
+        ap.error(str(err))
     rank, world_size, device = init_distributed()
     bf16 = args.dtype == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -206,6 +220,10 @@ def main():
     args.liger = liger.on
     if rank == 0:
         print(f"Liger Kernel: {liger.describe()}", flush=True)
+    if args.torch_compile:  # after Liger and checkpointing, as the recipe does; compiles at the first (warmup) step
+        described = compile_decoder_layers(model.llm)
+        if rank == 0:
+            print(f"torch.compile of the decoder layers: {described}", flush=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_img = model.num_image_tokens
     if args.lengths == "mix665k":
@@ -219,6 +237,7 @@ def main():
             for line in mixed_length_benchmark(args, engine, model, tokenizer, device, world_size, rank, sync):
                 print("BENCH " + json.dumps({**line, "adapter": args.adapter, "r": args.lora_r,
                                              "gc": args.gradient_checkpointing, "liger": args.liger,
+                                             "torch_compile": args.torch_compile,
                                              "world_size": world_size,
                                              "zero_stage": engine.zero_optimization_stage(),
                                              "trainable_m": round(trainable / 1e6, 1)}), flush=True)
@@ -299,7 +318,8 @@ def time_steps(args, engine, batch, tokenizer, rank, world_size, device, seq, n_
     result = {"adapter": args.adapter, "r": args.lora_r, "bits": args.bits,
               "dropout_kernel": dropout_kernels.enabled and args.lora_dropout > 0 and device.type == "cuda",
               "vision_adapter": args.vision_adapter, "vision_r": args.vision_lora_r if args.vision_adapter != "none"
-              else None, "gc": args.gradient_checkpointing, "liger": args.liger, "batch": args.batch,
+              else None, "gc": args.gradient_checkpointing, "liger": args.liger,
+              "torch_compile": compile_counters() if args.torch_compile else False, "batch": args.batch,
               "seq": seq, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
               "step_s": round(step_s, 4), "tok_s_per_gpu": round(args.batch * seq / step_s),
               "samples_s_per_gpu": round(args.batch / step_s, 2), "tflops_per_gpu": round(flops / step_s / 1e12, 1),
