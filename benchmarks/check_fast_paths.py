@@ -10,6 +10,8 @@ every fast path off. To check a new fast path, add its flag to train/args.py, ap
 dropout). The adapters' dropout kernels (--use_dropout_kernel, default false) are the same in every variant, PLAIN
 included, so the maths part (p = 0.05) sees the same masks everywhere: they draw another random stream than torch's
 dropout, so they are checked against the formulas with their own mask by benchmarks/check_dropout_kernels.py.
+The compiled variants (--torch_compile) run the maths part with inductor's `fallback_random`, so that their dropout
+masks come from torch's random stream as the plain path's do (training itself uses inductor's own stream).
 
 1. Maths (one process per variant: Liger patches an LM family's RoPE process-wide). The loss and the gradient of
    every trainable tensor (MoSLoRA A, M, B with dropout 0.05, non-zero B; the projector) on one batch with images,
@@ -55,6 +57,8 @@ class Variant:
 PLAIN = Variant("plain", ("--use_liger_kernel", "false"))
 VARIANTS = (
     Variant("liger", ("--use_liger_kernel", "true")),
+    Variant("compile", ("--use_liger_kernel", "false", "--torch_compile")),
+    Variant("liger_compile", ("--use_liger_kernel", "true", "--torch_compile")),
 )
 
 # The maths part's adapters (the training flags it parses with each variant's flags).
@@ -122,6 +126,10 @@ def maths_child(variant: Variant, out: Path, dry_run: bool = False) -> None:
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cpu" if dry_run else "cuda")
     args = parse_args("finetune", [*MATHS_FLAGS, *variant.flags])
+    if args.torch_compile:  # torch's dropout stream in the compiled layers: the plain path's masks
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
     results = {}
     for name, spec in maths_models(out.parent / "models", dry_run).items():
         torch.manual_seed(0)  # the projector's random init: the same in every variant's process
