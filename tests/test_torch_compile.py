@@ -161,3 +161,15 @@ def test_the_recipe_refuses_before_loading_anything(tmp_path, recipe_in_process)
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[0].startswith("error: --torch_compile with --packing:"), proc.stderr
     assert not (tmp_path / "out" / "train_summary.json").exists()
+
+
+def test_flag_spelling_and_resume_with_it_changed():
+    from mm_moslora.train.args import parse_args
+    from mm_moslora.train.resume import resume_differences
+
+    assert parse_args("finetune", []).torch_compile is False
+    assert parse_args("finetune", ["--torch_compile"]).torch_compile is True
+    assert parse_args("finetune", ["--torch_compile", "False"]).torch_compile is False
+    # Same maths, other kernels: a run may resume with the layers compiled or not.
+    recorded, current = {"torch_compile": False, "lora_r": 8}, {"torch_compile": True, "lora_r": 8}
+    assert resume_differences(recorded, current, defaults={}) == []
