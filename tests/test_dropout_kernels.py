@@ -160,23 +160,3 @@ def test_use_dropout_kernel_flag_sets_the_switch_and_refuses_true_without_cuda(m
     recorded, current = {"use_dropout_kernel": "false", "lora_r": 8}, {"use_dropout_kernel": "auto", "lora_r": 8}
     assert resume_differences(recorded, current, defaults={}) == []
 
-
-def test_use_dropout_kernel_true_on_the_cpu_is_one_line_before_the_model_loads(tmp_path, capsys):
-    import os
-
-    from mm_moslora.train.args import parse_args
-    from mm_moslora.train.recipe import run
-
-    saved_env = dict(os.environ)  # init_distributed sets RANK, MASTER_PORT, ...
-    try:
-        code = run(parse_args("finetune", ["--model_name_or_path", str(tmp_path / "no_such_model"),
-                                           "--output_dir", str(tmp_path / "out"), "--report_to", "none",
-                                           "--use_dropout_kernel", "true"]))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0].startswith("error: --use_dropout_kernel true: no CUDA device"), errors[0]
-    assert "no_such_model" not in err and not (tmp_path / "out" / "train_summary.json").exists()

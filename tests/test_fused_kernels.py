@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 
@@ -156,19 +155,11 @@ def test_flag_spellings_and_resume_treats_it_as_a_speed_setting(capsys):
     assert resume_differences(recorded, current, defaults={}) == []
 
 
-def test_use_liger_kernel_true_without_cuda_is_one_line_before_the_model_loads(tmp_path, capsys):
-    from mm_moslora.train.recipe import run
-
-    saved_env = dict(os.environ)  # init_distributed sets RANK, MASTER_PORT, ...
-    try:
-        code = run(parse_args("finetune", ["--model_name_or_path", str(tmp_path / "no_such_model"),
-                                           "--output_dir", str(tmp_path / "out"), "--report_to", "none",
-                                           "--use_liger_kernel", "true"]))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0].startswith("error: --use_liger_kernel true: no CUDA device"), errors[0]
-    assert "no_such_model" not in err and not (tmp_path / "out" / "train_summary.json").exists()
+@pytest.mark.parametrize("flag", ["--use_liger_kernel", "--use_dropout_kernel"])
+def test_a_triton_kernel_flag_true_on_the_cpu_is_one_line_before_the_model_loads(flag, tmp_path, recipe_in_process):
+    run = recipe_in_process("finetune", ["--model_name_or_path", tmp_path / "no_such_model",
+                                         "--output_dir", tmp_path / "out", "--report_to", "none", flag, "true"])
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert errors[0].startswith(f"error: {flag} true: no CUDA device"), errors[0]
+    assert "no_such_model" not in run.stderr and not (tmp_path / "out" / "train_summary.json").exists()
