@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mm_moslora import demo_data as dd
+from mm_moslora.demo_data import write
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(seed=0, n_train=150, n_pretrain=80, n_eval=40, image_size=64, progress=False)
@@ -444,7 +445,7 @@ def test_index_and_manifest(data):
     assert {k: manifest["arguments"][k] for k in args} == args
     assert manifest["counts"]["finetune"] == SMALL["n_train"]
     assert manifest["counts"]["eval_vqav2"] == SMALL["n_eval"]
-    assert not (data / dd._IN_PROGRESS).exists()
+    assert not (data / write._IN_PROGRESS).exists()
 
 
 def test_perfect_answers_score_full_marks_with_eval_score(data):
@@ -520,7 +521,7 @@ def test_rerun_interrupt_and_overwrite(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dd, "_draw_all", boom)
+    monkeypatch.setattr(write, "draw_all", boom)
     with pytest.raises(KeyboardInterrupt):
         dd.generate(out, **{**small, "seed": 5}, overwrite=True)
     assert dd.read_manifest(out) is None
