@@ -6,7 +6,7 @@
 Writes DIR/images/{train,eval}/, DIR/pretrain.json, DIR/finetune.json, DIR/eval/<bench>/ and
 DIR/eval/index.json, then DIR/manifest.json last. Pass DIR/images as --image-folder. Re-running with
 the same arguments returns at once ("already generated"); other arguments need --overwrite.
-See mm_moslora/demo_data.py for the content.
+See mm_moslora/demo_data/ for the content.
 """
 
 from __future__ import annotations
