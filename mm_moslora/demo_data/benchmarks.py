@@ -4,7 +4,7 @@ official ground-truth format, for VQAv2, POPE, ScienceQA, MME and GQA (``EVAL_BE
 Each writer draws its scenes from its own random stream (``GenerationRun.eval_scene``: unseen layouts, half
 with a held-out pair), writes its files and returns its entry of ``eval/index.json`` plus the question
 records, whose ``metadata`` carries the answer and the held-out flags that the scores are split by.
-``eval/score.py`` reads the ground truth exactly as the official evaluation code reads the real files.
+The ground-truth files have the official layouts, which ``eval/score.py`` reads (docs/scoring.md).
 """
 
 from __future__ import annotations
