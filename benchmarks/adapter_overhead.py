@@ -129,7 +129,8 @@ def bench_layers(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
 
 def adapter_shapes(dry_run: bool, r: int) -> list[tuple[int, int]]:
     """(rows, cols) of every adapter tensor of 32 LLaMA-2-7B decoder layers: A (r, d_in), M (r, r), B (d_out, r)."""
-    h, m, layers = (64, 176, 2) if dry_run else (4096, 11008, 32)
+    h, m = (64, 176) if dry_run else (4096, 11008)  # the dry run keeps the 672 tensors: host-side costs are per tensor
+    layers = 32
     dims = [(h, h)] * 4 + [(h, m), (h, m), (m, h)]  # (d_in, d_out) of q, k, v, o, gate, up, down
     return [shape for _ in range(layers) for d_in, d_out in dims for shape in ((r, d_in), (r, r), (d_out, r))]
 
