@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.timing import median_ms  # noqa: E402
 from mm_moslora.adapters import AdapterConfig, dropout_kernels, inject_adapters  # noqa: E402
 
 SEQ = 1025  # tokens per LLaVA-1.5 sample: 576 image tokens + 448 text + 1
@@ -45,26 +44,6 @@ def llama_config(dry_run: bool, layers: int):
     return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                        num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096,
                        attn_implementation="sdpa")
-
-
-def timed(step, iters: int, device: torch.device) -> float:
-    """Median milliseconds of step() after two warm-up calls (CUDA events on a GPU)."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def layer_variants(base: nn.Module, dtype: torch.dtype, r: int):
@@ -113,7 +92,7 @@ def bench_layers(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
             torch.cuda.synchronize()
             persistent = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        ms = timed(step, args.iters, device) / args.layers
+        ms = median_ms(step, args.iters, device) / args.layers
         row = {"variant": name, "ms_per_layer": round(ms, 3),
                "stack_tok_s": round(batch * SEQ / (ms * 32 / 1e3)) if not args.dry_run else None}
         if device.type == "cuda":
@@ -167,7 +146,7 @@ def bench_optimizer(args, device: torch.device, dtype: torch.dtype) -> list[dict
         optimizer.zero_grad(set_to_none=True)
 
     rows.append({"optimizer": "torch fused AdamW on bf16 parameters (the peer)",
-                 "ms": round(timed(torch_step, args.iters, device), 3)})
+                 "ms": round(median_ms(torch_step, args.iters, device), 3)})
     print("OPT " + json.dumps(rows[-1]), flush=True)
     del module, optimizer
     for stage in (2, 0):
@@ -185,7 +164,7 @@ def bench_optimizer(args, device: torch.device, dtype: torch.dtype) -> list[dict
                 engine.backward(engine())
                 engine.step()
 
-            rows.append({"optimizer": name, "ms": round(timed(ds_step, args.iters, device), 3)})
+            rows.append({"optimizer": name, "ms": round(median_ms(ds_step, args.iters, device), 3)})
         except Exception as err:  # a benchmark row that cannot run is reported, the others still run
             rows.append({"optimizer": name, "error": f"{type(err).__name__}: {str(err)[:300]}"})
         print("OPT " + json.dumps(rows[-1]), flush=True)

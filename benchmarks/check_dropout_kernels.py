@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.timing import median_ms  # noqa: E402
 from mm_moslora.adapters import dropout_kernels as dk  # noqa: E402
 from mm_moslora.adapters.moslora import MoSLoRALinear  # noqa: E402
 
@@ -62,31 +63,16 @@ def time_layer(d_in: int, d_out: int, tokens: int, repeats: int = 20) -> dict:
                           alpha=256, dropout=0.05, dtype=torch.bfloat16).train()
     x = torch.randn(tokens, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(tokens, d_out, device="cuda", dtype=torch.bfloat16)
+    cuda = torch.device("cuda")
     out = {}
     for mode in ("on", "off", "on", "off"):
         dk.enabled = mode == "on"
-        times = []
-        for i in range(repeats + 3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            layer(x).backward(g)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        out.setdefault(mode, []).append(sorted(times[3:])[repeats // 2])
-    dk.enabled = True
+        out.setdefault(mode, []).append(median_ms(lambda: layer(x).backward(g), repeats, cuda, warmup=3))
+    dk.enabled = False  # the default (--use_dropout_kernel false)
     # the frozen base alone (forward + input gradient): what no adapter at all costs
     w = layer.base.weight
-    times = []
-    for i in range(repeats + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y = x @ w.t()
-        _ = g @ w
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"kernels_ms": min(out["on"]), "torch_ms": min(out["off"]), "base_only_ms": sorted(times[3:])[repeats // 2]}
+    base_only = median_ms(lambda: (x @ w.t(), g @ w), repeats, cuda, warmup=3)
+    return {"kernels_ms": min(out["on"]), "torch_ms": min(out["off"]), "base_only_ms": base_only}
 
 
 def main():

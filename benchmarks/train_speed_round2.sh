@@ -8,7 +8,12 @@
 # BATCH (default 8) is the batch of the no-checkpointing rows (16 needs more than 80 GB without checkpointing);
 # the memory-regime rows run batch 16 under --activation_memory_budget_gib auto (the card's memory, then 40 GiB).
 set -u
+usage="usage: bash benchmarks/train_speed_round2.sh PEER_SCRIPT OUT_DIR [BATCH] [a|b|c|all]"
+[ $# -ge 2 ] && [ $# -le 4 ] || { echo "$usage" >&2; exit 2; }
 peer="$1"; out="$2"; b="${3:-8}"; part="${4:-all}"
+case "$part" in a|b|c|all) ;; *) echo "train_speed_round2.sh: PART $part: choose a, b, c or all" >&2; exit 2;; esac
+[[ "$b" =~ ^[1-9][0-9]*$ ]] || { echo "train_speed_round2.sh: BATCH $b: not a positive integer" >&2; exit 2; }
+[ "$part" = b ] || [ -f "$peer" ] || { echo "train_speed_round2.sh: PEER_SCRIPT $peer: no such file" >&2; exit 2; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 bench() {  # name, timeout, flags...
